@@ -1,0 +1,78 @@
+# Typed stub of the native extension (csrc/bindings.cpp). Every list argument holds one entry
+# per tensor: data addresses (int), element counts, or dtype codes from
+# fastmeta.ops.tensor_lists.DTYPE_CODES. An empty address list means "this state is unused".
+
+CHUNK_ELEMENTS: int
+
+def isa() -> str: ...
+def num_threads() -> int: ...
+def has_openmp() -> bool: ...
+def sgd_step(
+    params: list[int],
+    grads: list[int],
+    momentum_buffers: list[int],
+    numels: list[int],
+    dtypes: list[int],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+) -> None: ...
+def adam_step(
+    params: list[int],
+    grads: list[int],
+    exp_avgs: list[int],
+    exp_avg_sqs: list[int],
+    max_exp_avg_sqs: list[int],
+    steps: list[int],
+    step_dtype: int,
+    numels: list[int],
+    dtypes: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None: ...
+def adagrad_step(
+    params: list[int],
+    grads: list[int],
+    state_sums: list[int],
+    steps: list[int],
+    step_dtype: int,
+    numels: list[int],
+    dtypes: list[int],
+    *,
+    lr: float,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None: ...
+def rmsprop_step(
+    params: list[int],
+    grads: list[int],
+    square_avgs: list[int],
+    momentum_buffers: list[int],
+    grad_avgs: list[int],
+    steps: list[int],
+    step_dtype: int,
+    numels: list[int],
+    dtypes: list[int],
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+) -> None: ...

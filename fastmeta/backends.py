@@ -1,0 +1,216 @@
+"""Where fastmeta decides which implementation of an op runs: the one and only place.
+
+Every op takes ``impl=`` (an :class:`Impl` or its name). ``auto`` resolves per device:
+
+* CPU tensors run the native C++ kernels (``fastmeta._C``) when the extension is built;
+* CUDA tensors run the Triton kernels when Triton imports;
+* anything else, or a missing implementation, runs the plain-PyTorch reference and warns once.
+
+An explicit ``impl=`` (or the ``FASTMETA_IMPL`` environment variable, which replaces ``auto``)
+is obeyed or raises :class:`ImplementationUnavailable`; it never degrades silently.
+
+``TRITON_INTERPRET=1`` makes Triton run on CPU tensors, which is how the Triton kernels are
+tested on machines without a GPU. ``auto`` never picks Triton for CPU tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import importlib
+import os
+import warnings
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Impl",
+    "ImplementationUnavailable",
+    "available",
+    "native",
+    "resolve",
+    "trace",
+    "triton_kernels",
+]
+
+IMPL_ENV_VAR = "FASTMETA_IMPL"
+
+
+class Impl(str, enum.Enum):
+    """The implementations an op can run."""
+
+    AUTO = "auto"
+    REFERENCE = "reference"
+    NATIVE = "native"
+    TRITON = "triton"
+
+
+class ImplementationUnavailable(RuntimeError):
+    """Raised when an implementation that was asked for explicitly cannot run."""
+
+
+_native_module: ModuleType | None = None
+_native_error: str | None = None
+_native_loaded = False
+_triton_error: str | None = None
+_triton_checked = False
+_warned: set[tuple[str, str]] = set()
+_trace_stack: list[list[tuple[str, Impl]]] = []
+
+
+def native() -> ModuleType | None:
+    """The compiled extension ``fastmeta._C``, or None when it is not built."""
+    global _native_module, _native_error, _native_loaded
+    if not _native_loaded:
+        _native_loaded = True
+        try:
+            _native_module = importlib.import_module("fastmeta._C")
+        except ImportError as exc:
+            _native_error = f"{exc}"
+    return _native_module
+
+
+def _triton_importable() -> bool:
+    global _triton_error, _triton_checked
+    if not _triton_checked:
+        _triton_checked = True
+        try:
+            importlib.import_module("triton")
+        except ImportError as exc:
+            _triton_error = f"{exc}"
+    return _triton_error is None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_kernels(op: str) -> ModuleType:
+    """The Triton kernel module ``fastmeta.kernels.<op>``; imported lazily, so a CPU-only user
+    never needs Triton."""
+    return importlib.import_module(f"fastmeta.kernels.{op}")
+
+
+def _why_unavailable(impl: Impl, device: torch.device) -> str | None:
+    """None when ``impl`` can run on ``device``, else the reason it cannot."""
+    if impl is Impl.REFERENCE:
+        return None
+    if impl is Impl.NATIVE:
+        if device.type != "cpu":
+            return f"the native kernels run on CPU tensors only, and these are on {device}"
+        if native() is None:
+            return (
+                f"the extension fastmeta._C is not built ({_native_error}); reinstall without "
+                "FASTMETA_NO_EXTENSIONS=1 and with a C++17 compiler"
+            )
+        return None
+    if impl is Impl.TRITON:
+        if not _triton_importable():
+            return f"Triton does not import ({_triton_error}); pip install triton"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreted():
+            return None
+        return (
+            f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
+            f"and these are on {device}"
+        )
+    raise ValueError(f"impl: unknown implementation {impl!r}")
+
+
+def _parse(impl: Impl | str) -> Impl:
+    try:
+        return Impl(impl)
+    except ValueError:
+        names = ", ".join(i.value for i in Impl)
+        raise ValueError(f"impl: expected one of {names}, got {impl!r}") from None
+
+
+def _warn_once(op: str, message: str) -> None:
+    key = (op, message)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def resolve(impl: Impl | str, device: torch.device, *, op: str) -> Impl:
+    """Turns a requested implementation into the one that will run ``op`` on ``device``.
+
+    Args:
+        impl: what the caller asked for; ``auto`` (the default everywhere) may be replaced by
+            the ``FASTMETA_IMPL`` environment variable.
+        device: where the op's tensors live.
+        op: the op's name, used in messages and in :func:`trace`.
+
+    Raises:
+        ImplementationUnavailable: an explicitly requested implementation cannot run here.
+    """
+    requested = _parse(impl)
+    if requested is Impl.AUTO:
+        env = os.environ.get(IMPL_ENV_VAR, "").strip()
+        if env:
+            requested = _parse(env)
+    if requested is not Impl.AUTO:
+        why = _why_unavailable(requested, device)
+        if why is not None:
+            raise ImplementationUnavailable(f"{op}: impl={requested.value} was requested but {why}")
+        chosen = requested
+    else:
+        preferred = {"cpu": Impl.NATIVE, "cuda": Impl.TRITON}.get(device.type)
+        if preferred is None:
+            why = f"fastmeta has no fused kernel for {device.type} tensors"
+        else:
+            why = _why_unavailable(preferred, device)
+        if why is None:
+            chosen = preferred
+        else:
+            _warn_once(op, f"fastmeta: {op} falls back to the PyTorch reference because {why}")
+            chosen = Impl.REFERENCE
+    if _trace_stack:
+        _trace_stack[-1].append((op, chosen))
+    return chosen
+
+
+@contextlib.contextmanager
+def trace() -> Iterator[list[tuple[str, Impl]]]:
+    """Records ``(op, impl)`` for every op resolved inside the block; tests use it to check
+    which implementation actually ran.
+
+    Example:
+        >>> with trace() as calls:
+        ...     fastmeta.ops.sgd.sgd_step_(params, grads, lr=0.1)
+        >>> calls
+        [('sgd_step_', <Impl.NATIVE: 'native'>)]
+    """
+    calls: list[tuple[str, Impl]] = []
+    _trace_stack.append(calls)
+    try:
+        yield calls
+    finally:
+        _trace_stack.pop()
+
+
+def available() -> dict[str, Any]:
+    """What this install can run: the native extension and its ISA, Triton, CUDA."""
+    module = native()
+    triton_ok = _triton_importable()
+    triton_version = None
+    if triton_ok:
+        triton_version = getattr(importlib.import_module("triton"), "__version__", None)
+    return {
+        "native": module is not None,
+        "native_error": None if module is not None else _native_error,
+        "isa": module.isa() if module is not None else None,
+        "native_threads": module.num_threads() if module is not None else None,
+        "openmp": module.has_openmp() if module is not None else None,
+        "triton": triton_ok,
+        "triton_version": triton_version,
+        "triton_error": _triton_error,
+        "triton_interpreted": triton_interpreted(),
+        "cuda": torch.cuda.is_available(),
+        "impl_override": os.environ.get(IMPL_ENV_VAR) or None,
+    }

@@ -1,0 +1,61 @@
+"""Multi-tensor launches for Triton: one kernel launch covers a whole list of tensors.
+
+The launcher hands the kernel a table of addresses (one int64 per tensor and per role: param,
+grad, state...) and a table of blocks: program ``i`` works on ``BLOCK`` elements of tensor
+``block_tensor[i]`` starting at ``block_start[i]``. That is how torch's fused CUDA optimizers
+avoid one launch per tensor, written in Triton.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton.language as tl
+
+from fastmeta.ops.tensor_lists import DTYPE_CODES
+
+# The Triton element type of each supported torch dtype.
+TRITON_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
+assert set(TRITON_DTYPES) == set(DTYPE_CODES)
+
+
+def group_by_dtype(count: int, dtypes: Sequence[torch.dtype]) -> dict[torch.dtype, list[int]]:
+    """Indices of the tensors of each dtype: one launch per dtype present in the list."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i in range(count):
+        groups.setdefault(dtypes[i], []).append(i)
+    return groups
+
+
+def address_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """An int64 tensor of data addresses, on ``device``. An empty list (an unused state) gives
+    a one-entry table of zeros, which a kernel compiled without that state never reads."""
+    addresses = [t.data_ptr() for t in tensors] or [0]
+    return torch.tensor(addresses, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def block_table(
+    numels: Sequence[int], block: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(block_tensor, block_start, numel)`` for a grid of one program per block."""
+    counts = torch.tensor([(n + block - 1) // block for n in numels], dtype=torch.int64)
+    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
+    first_block = torch.cumsum(counts, 0) - counts
+    block_start = (torch.arange(int(counts.sum())) - first_block[block_tensor]) * block
+    numel = torch.tensor(list(numels), dtype=torch.int64)
+    return (
+        block_tensor.to(device, non_blocking=True),
+        block_start.to(device, non_blocking=True),
+        numel.to(device, non_blocking=True),
+    )
+
+
+def hyper_table(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Hyperparameters as a float64 tensor, so fp64 params see them at full precision."""
+    return torch.tensor(list(values), dtype=torch.float64).to(device, non_blocking=True)

@@ -1,0 +1,158 @@
+"""SGD with momentum, dampening and Nesterov momentum: the reference and the in-place op.
+
+.. math::
+    \\begin{aligned}
+    d_t &= \\pm g_t + \\lambda \\theta_{t-1} \\\\
+    b_t &= d_t \\ \\text{(first step)}, \\qquad b_t = \\mu b_{t-1} + (1-\\tau) d_t \\ \\text{(later)} \\\\
+    d_t &\\leftarrow d_t + \\mu b_t \\ \\text{(Nesterov)}, \\qquad d_t \\leftarrow b_t \\ \\text{(momentum)} \\\\
+    \\theta_t &= \\theta_{t-1} - \\gamma d_t
+    \\end{aligned}
+
+with learning rate γ, weight decay λ, momentum μ and dampening τ, exactly as
+``torch.optim.SGD`` defines it (Sutskever et al. 2013 for the Nesterov form).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fastmeta import backends
+from fastmeta.backends import Impl
+from fastmeta.ops import tensor_lists as tl
+
+
+
+def _is_zero(value: float | torch.Tensor) -> bool:
+    return not isinstance(value, torch.Tensor) and value == 0
+
+
+def sgd_step_reference(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None = None,
+    *,
+    lr: float | torch.Tensor,
+    weight_decay: float | torch.Tensor = 0.0,
+    momentum: float | torch.Tensor = 0.0,
+    dampening: float | torch.Tensor = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One SGD step in plain, differentiable PyTorch: the spec the kernels are tested against.
+
+    Out of place. Hyperparameters may be numbers or tensors that broadcast against ``param``.
+
+    Returns:
+        ``(new_param, new_momentum_buffer)``; the buffer is None when ``momentum`` is 0.
+    """
+    d = -grad if maximize else grad
+    if not _is_zero(weight_decay):
+        d = d + weight_decay * param
+    new_buffer = None
+    if not _is_zero(momentum):
+        if first_step:
+            new_buffer = d
+        else:
+            if momentum_buffer is None:
+                raise ValueError("sgd_step_reference: momentum_buffer is needed after the first step")
+            new_buffer = momentum * momentum_buffer + (1 - dampening) * d
+        d = d + momentum * new_buffer if nesterov else new_buffer
+    return param - lr * d, new_buffer
+
+
+def check_sgd_hyperparameters(
+    op: str, *, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool
+) -> None:
+    """torch.optim.SGD's rules for valid hyperparameters, with its messages."""
+    if lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if momentum < 0.0:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def sgd_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor] | None = None,
+    *,
+    lr: float | torch.Tensor,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool = False,
+    impl: Impl | str = Impl.AUTO,
+) -> None:
+    """Updates ``params`` (and the momentum buffers) in place with one fused call.
+
+    Args:
+        params: tensors to update, all on one device; float32/64, float16 or bfloat16.
+        grads: their gradients, same shapes and dtypes.
+        momentum_buffers: one buffer per param; needed when ``momentum`` is not 0. On the
+            first step their contents are ignored and overwritten, as torch does.
+        lr, weight_decay, momentum, dampening, nesterov, maximize: as in ``torch.optim.SGD``.
+        first_step: the buffers are new (torch's ``momentum_buffer is None``).
+        impl: which implementation runs; see :mod:`fastmeta.backends`.
+
+    Example:
+        >>> p, g = torch.ones(3), torch.full((3,), 0.5)
+        >>> sgd_step_([p], [g], lr=0.1)
+        >>> p
+        tensor([0.9500, 0.9500, 0.9500])
+    """
+    op = "sgd_step_"
+    device = tl.check_params(op, params)
+    tl.check_like_params(op, "grads", grads, params)
+    lr = tl.check_scalar(op, "lr", lr)
+    weight_decay = tl.check_scalar(op, "weight_decay", weight_decay)
+    momentum = tl.check_scalar(op, "momentum", momentum)
+    dampening = tl.check_scalar(op, "dampening", dampening)
+    check_sgd_hyperparameters(
+        op, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        nesterov=nesterov,
+    )
+    buffers: Sequence[torch.Tensor] = []
+    if momentum != 0.0:
+        if momentum_buffers is None:
+            raise ValueError(f"{op}: momentum_buffers is required when momentum != 0")
+        tl.check_like_params(op, "momentum_buffers", momentum_buffers, params)
+        buffers = momentum_buffers
+    hyper = dict(
+        lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+        nesterov=nesterov, maximize=maximize, first_step=first_step,
+    )
+    which = backends.resolve(impl, device, op=op)
+    if len(params) == 0:
+        return
+    if which is Impl.REFERENCE:
+        _sgd_step_reference_(params, grads, buffers, **hyper)
+        return
+    tl.check_contiguous(op, "params", params)
+    tl.check_contiguous(op, "momentum_buffers", buffers)
+    grads = tl.contiguous_inputs(grads)
+    if which is Impl.NATIVE:
+        backends.native().sgd_step(
+            tl.pointers(params), tl.pointers(grads), tl.pointers(buffers),
+            tl.numels(params), tl.dtype_codes(params), **hyper,
+        )
+    else:
+        backends.triton_kernels("sgd").sgd_step_(params, grads, buffers, **hyper)
+
+
+@torch.no_grad()
+def _sgd_step_reference_(params, grads, buffers, **hyper) -> None:
+    for i, (p, g) in enumerate(zip(params, grads)):
+        compute = tl.compute_dtype(p.dtype)
+        b = buffers[i].to(compute) if buffers else None
+        new_p, new_b = sgd_step_reference(p.to(compute), g.to(compute), b, **hyper)
+        p.copy_(new_p)
+        if new_b is not None:
+            buffers[i].copy_(new_b)
