@@ -20,7 +20,7 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 # Files compiled once per ISA. bindings.cpp is compiled once, with the baseline flags.
-KERNEL_SOURCES = ["csrc/sgd.cpp", "csrc/adam.cpp", "csrc/adagrad.cpp", "csrc/rmsprop.cpp"]
+KERNEL_SOURCES = ["csrc/sgd.cpp", "csrc/adam.cpp", "csrc/adagrad.cpp", "csrc/rmsprop.cpp", "csrc/stream.cpp"]
 
 # -fno-math-errno lets GCC turn sqrtf into a vector instruction (Adam runs ~3x slower without).
 BASE_FLAGS = ["-std=c++17", "-O3", "-fno-math-errno", "-fvisibility=hidden"]

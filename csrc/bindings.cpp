@@ -36,10 +36,11 @@ struct KernelTable {
   decltype(&generic::adam_chunk) adam;
   decltype(&generic::adagrad_chunk) adagrad;
   decltype(&generic::rmsprop_chunk) rmsprop;
+  decltype(&generic::stream_chunk) stream;
 };
 
 #define FASTMETA_TABLE(ISA) \
-  KernelTable { #ISA, &ISA::sgd_chunk, &ISA::adam_chunk, &ISA::adagrad_chunk, &ISA::rmsprop_chunk }
+  KernelTable { #ISA, &ISA::sgd_chunk, &ISA::adam_chunk, &ISA::adagrad_chunk, &ISA::rmsprop_chunk, &ISA::stream_chunk }
 
 bool cpu_supports(const std::string& isa) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -232,6 +233,22 @@ void rmsprop_step(const Ptrs& params, const Ptrs& grads, const Ptrs& square_avgs
   });
 }
 
+// The roofline probe: reads num_reads float32 arrays of n elements and writes the first
+// num_writes of them back in place, with the same chunking and threads as the optimizers.
+void stream(const Ptrs& arrays, int num_writes, int64_t n) {
+  const int num_reads = static_cast<int>(arrays.size());
+  if (num_reads < 1 || num_reads > 5 || num_writes < 1 || num_writes > 4 || num_writes > num_reads)
+    throw std::invalid_argument("stream: needs 1 to 5 arrays and 1 to 4 writes, no more writes "
+                                "than arrays");
+  std::vector<float*> a(arrays.size());
+  for (size_t i = 0; i < arrays.size(); ++i) a[i] = static_cast<float*>(ptr_at(arrays, i));
+  const auto kernel = kernels().stream;
+  py::gil_scoped_release no_gil;
+  for_each_chunk({n}, [&](int64_t, int64_t begin, int64_t len) {
+    kernel(a.data(), num_reads, num_writes, begin, len);
+  });
+}
+
 }  // namespace
 }  // namespace fastmeta
 
@@ -270,4 +287,7 @@ PYBIND11_MODULE(_C, m) {
         py::kw_only(), py::arg("lr"), py::arg("alpha"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("momentum"), py::arg("centered"),
         py::arg("maximize"));
+  m.def("stream", &stream, py::arg("arrays"), py::arg("num_writes"), py::arg("n"),
+        "Memory-roofline probe: reads every float32 array (n elements each) and writes the "
+        "first num_writes of them back in place.");
 }

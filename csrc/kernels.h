@@ -70,6 +70,8 @@ struct RmspropTensor {
                      const AdagradArgs& a);                                                    \
   void rmsprop_chunk(const RmspropTensor& t, DType dtype, int64_t begin, int64_t n,            \
                      const RmspropArgs& a);                                                    \
+  bool stream_chunk(float* const* arrays, int num_reads, int num_writes, int64_t begin,        \
+                    int64_t n);                                                                \
   }
 
 FASTMETA_DECLARE_KERNELS(avx512)

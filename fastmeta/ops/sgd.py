@@ -24,10 +24,6 @@ from fastmeta.ops import tensor_lists as tl
 
 
 
-def _is_zero(value: float | torch.Tensor) -> bool:
-    return not isinstance(value, torch.Tensor) and value == 0
-
-
 def sgd_step_reference(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -49,10 +45,10 @@ def sgd_step_reference(
         ``(new_param, new_momentum_buffer)``; the buffer is None when ``momentum`` is 0.
     """
     d = -grad if maximize else grad
-    if not _is_zero(weight_decay):
+    if not tl.is_zero(weight_decay):
         d = d + weight_decay * param
     new_buffer = None
-    if not _is_zero(momentum):
+    if not tl.is_zero(momentum):
         if first_step:
             new_buffer = d
         else:

@@ -122,3 +122,36 @@ def numels(tensors: Sequence[torch.Tensor]) -> list[int]:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the arithmetic runs in: fp64 stays fp64, everything else runs in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_steps(op: str, steps: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> int:
+    """Per-param step counters, as torch.optim stores them: one-element float tensors of one
+    dtype. Returns that dtype's code. The op increments them in place."""
+    if len(steps) != len(params):
+        raise ValueError(f"{op}: state_steps has {len(steps)} tensors but params has {len(params)}")
+    if not steps:
+        return DTYPE_CODES[torch.float32]
+    dtype = steps[0].dtype
+    for i, s in enumerate(steps):
+        if not isinstance(s, torch.Tensor) or s.numel() != 1:
+            raise ValueError(f"{op}: state_steps[{i}] must be a one-element tensor")
+        if s.dtype not in (torch.float32, torch.float64) or s.dtype != dtype:
+            raise TypeError(
+                f"{op}: state_steps[{i}] has dtype {s.dtype}; step counters must all be float32 "
+                "or all float64"
+            )
+    return DTYPE_CODES[dtype]
+
+
+def require_cpu_steps(op: str, steps: Sequence[torch.Tensor]) -> None:
+    """The native kernels read and increment step counters through their addresses."""
+    for i, s in enumerate(steps):
+        if s.device.type != "cpu":
+            raise ValueError(f"{op}: state_steps[{i}] is on {s.device}; the native kernels need "
+                             "CPU step counters")
+
+
+def is_zero(value: float | torch.Tensor) -> bool:
+    """True for a hyperparameter that is the number 0, so a term can be skipped. A tensor is
+    never skipped: it may need a gradient even where its value is 0."""
+    return not isinstance(value, torch.Tensor) and value == 0
