@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import triton
 import triton.language as tl
 
 from fastmeta.ops.tensor_lists import DTYPE_CODES
@@ -59,3 +60,33 @@ def block_table(
 def hyper_table(values: Sequence[float], device: torch.device) -> torch.Tensor:
     """Hyperparameters as a float64 tensor, so fp64 params see them at full precision."""
     return torch.tensor(list(values), dtype=torch.float64).to(device, non_blocking=True)
+
+
+def step_table(steps: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The step counters as a float64 tensor on ``device``, gathered by torch ops so that no
+    value goes through the host: torch.optim may keep the counters on the CPU while the params
+    are on the GPU. All counters of one call must share one device."""
+    stacked = torch.stack([s.reshape(()) for s in steps])
+    return stacked.to(device=device, dtype=torch.float64, non_blocking=True)
+
+
+@triton.jit
+def sqrt_rn(x, COMPUTE: tl.constexpr):
+    """Correctly rounded square root, as torch computes it: ``tl.sqrt`` is the fast
+    approximate one for fp32 on NVIDIA, and ``tl.sqrt_rn`` accepts fp32 only."""
+    if COMPUTE == tl.float64:
+        root = tl.sqrt(x)
+    else:
+        root = tl.sqrt_rn(x)
+    return root
+
+
+@triton.jit
+def div_rn(x, y, COMPUTE: tl.constexpr):
+    """Correctly rounded division, as torch computes it: ``/`` of fp32 is the approximate
+    ``div.full`` on NVIDIA, and ``tl.math.div_rn`` accepts fp32 only."""
+    if COMPUTE == tl.float64:
+        quotient = x / y
+    else:
+        quotient = tl.math.div_rn(x, y)
+    return quotient

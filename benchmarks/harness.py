@@ -1,0 +1,203 @@
+"""The shared benchmark harness: timing, the memory roofline, machine info and reports.
+
+* CPU timing uses ``torch.utils.benchmark.Timer`` with **every thread** the machine has
+  (its default of one thread would hide the parallel speed of torch and of our kernels alike),
+  a warm-up, and ``blocked_autorange``; we report the median and the 20th/80th percentiles of
+  the per-block times.
+* CUDA timing uses ``triton.testing.do_bench`` (which flushes L2 and syncs).
+* The roofline is measured in the same run: ``fastmeta._C.stream`` reads R float32 arrays and
+  writes W of them back in place, in one pass, with the same threads and chunking as the
+  optimizer kernels. A kernel that moves the same bytes cannot beat it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+# Seconds of repeated calls behind each measurement; enough for tens of blocks on small ops.
+DEFAULT_MIN_RUN_TIME = 0.5
+# Calls made before timing starts: page faults, lazy allocations and OpenMP team start-up.
+WARMUP_CALLS = 3
+
+
+@dataclass
+class Timing:
+    """Seconds per call: the median and the 20th/80th percentiles of the timed blocks."""
+
+    median: float
+    p20: float
+    p80: float
+    blocks: int
+
+    @property
+    def spread(self) -> float:
+        """(p80 - p20) / median: how noisy the measurement was."""
+        return (self.p80 - self.p20) / self.median if self.median else 0.0
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    *,
+    device: str = "cpu",
+    min_run_time: float = DEFAULT_MIN_RUN_TIME,
+    label: str = "",
+) -> Timing:
+    """Times ``fn()`` (which must leave things ready for another call)."""
+    if device == "cuda":
+        import triton.testing
+
+        ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return Timing(ms[0] / 1e3, ms[1] / 1e3, ms[2] / 1e3, blocks=0)
+    from torch.utils.benchmark import Timer
+
+    for _ in range(WARMUP_CALLS):
+        fn()
+    timer = Timer(
+        stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(), label=label
+    )
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    times = sorted(m.times)
+    return Timing(
+        median=statistics.median(times),
+        p20=_quantile(times, 0.2),
+        p80=_quantile(times, 0.8),
+        blocks=len(times),
+    )
+
+
+def stream_floor(
+    num_elements: int, reads: int, writes: int, *, min_run_time: float = DEFAULT_MIN_RUN_TIME
+) -> Timing | None:
+    """Times the roofline probe on fresh float32 arrays of ``num_elements`` each: ``reads``
+    streams in, ``writes`` of them written back in place. None without the extension."""
+    from fastmeta import backends
+
+    native = backends.native()
+    if native is None or num_elements == 0:
+        return None
+    arrays = [torch.rand(num_elements) for _ in range(reads)]
+    addresses = [a.data_ptr() for a in arrays]
+    return time_fn(lambda: native.stream(addresses, writes, num_elements), min_run_time=min_run_time)
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """What a result needs next to it to mean anything."""
+    from fastmeta import backends
+
+    info = backends.available()
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "native_threads": info["native_threads"],
+        "isa": info["isa"],
+        "torch": torch.__version__,
+        "triton": info["triton_version"],
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+@dataclass
+class Row:
+    """One benchmark row: a workload, our time, and each baseline's time from the same run."""
+
+    name: str
+    ours: Timing
+    baselines: dict[str, Timing | None] = field(default_factory=dict)
+    floor: Timing | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def speedup(self, baseline: str) -> float | None:
+        """baseline time / our time (>1 means we are faster)."""
+        t = self.baselines.get(baseline)
+        return None if t is None else t.median / self.ours.median
+
+    def roofline(self) -> float | None:
+        """The stream floor as a fraction of our time (1.0 means at the floor)."""
+        return None if self.floor is None else self.floor.median / self.ours.median
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "ours": asdict(self.ours),
+            "baselines": {k: asdict(v) if v else None for k, v in self.baselines.items()},
+            "floor": asdict(self.floor) if self.floor else None,
+            "speedup": {k: self.speedup(k) for k in self.baselines},
+            "roofline_fraction": self.roofline(),
+            "notes": self.notes,
+        }
+
+
+def format_table(rows: list[Row], baselines: list[str]) -> str:
+    """A plain-text table: our median (spread), each baseline's median and our speedup over it,
+    and the percentage of the stream roofline."""
+    head = ["workload", "fastmeta"] + [f"{b} (x)" for b in baselines] + ["% floor"]
+    lines = [head]
+    for r in rows:
+        cells = [r.name, f"{r.ours.median * 1e3:.4f} ms ±{r.ours.spread * 50:.0f}%"]
+        for b in baselines:
+            t = r.baselines.get(b)
+            cells.append("-" if t is None else f"{t.median * 1e3:.4f} ({r.speedup(b):.2f}x)")
+        frac = r.roofline()
+        cells.append("-" if frac is None else f"{100 * frac:.0f}%")
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = []
+    for k, line in enumerate(lines):
+        out.append("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def write_json(path: str, benchmark: str, rows: list[Row], extra: dict | None = None) -> None:
+    payload = {"benchmark": benchmark, "machine": machine_info(), "rows": [r.to_json() for r in rows]}
+    if extra:
+        payload.update(extra)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)

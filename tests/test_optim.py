@@ -1,0 +1,323 @@
+"""fastmeta.optim against torch.optim: one database of optimizer configurations and error
+inputs drives every generic test (in the spirit of torch's OptimizerInfo)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+import fastmeta.optim as fo
+from fastmeta import backends
+from fastmeta.backends import Impl
+from tests.conftest import ALL_IMPLS
+from tests.tolerances import assert_close
+
+
+@dataclass
+class OptimizerInfo:
+    ours: type
+    theirs: type
+    configs: list[dict[str, Any]]
+    # Constructor kwargs that torch rejects; ours must reject them with the same message.
+    bad_configs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.ours.__name__
+
+
+ADAM_CONFIGS = [
+    {},
+    {"lr": 1e-2, "betas": (0.8, 0.9), "eps": 1e-6},
+    {"lr": 1e-2, "weight_decay": 0.1},
+    {"lr": 1e-2, "amsgrad": True},
+    {"lr": 1e-2, "maximize": True, "weight_decay": 0.05, "amsgrad": True},
+    {"lr": torch.tensor(1e-2)},
+]
+ADAM_BAD = [
+    {"lr": -1.0}, {"eps": -1e-8}, {"betas": (1.0, 0.999)}, {"betas": (0.9, -0.1)},
+    {"weight_decay": -0.1},
+]
+
+OPTIMIZERS = [
+    OptimizerInfo(
+        fo.SGD, torch.optim.SGD,
+        configs=[
+            {"lr": 0.05},
+            {"lr": 0.05, "momentum": 0.9},
+            {"lr": 0.05, "momentum": 0.9, "dampening": 0.5},
+            {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+            {"lr": 0.05, "momentum": 0.5, "maximize": True, "weight_decay": 0.1},
+            {"lr": torch.tensor(0.05), "momentum": 0.9},
+        ],
+        bad_configs=[{"lr": -0.1}, {"lr": 0.1, "momentum": -0.5},
+                     {"lr": 0.1, "weight_decay": -1.0}, {"lr": 0.1, "nesterov": True},
+                     {"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "nesterov": True}],
+    ),
+    OptimizerInfo(fo.Adam, torch.optim.Adam, configs=ADAM_CONFIGS, bad_configs=ADAM_BAD),
+    OptimizerInfo(fo.AdamW, torch.optim.AdamW,
+                  configs=ADAM_CONFIGS + [{"lr": 1e-2, "weight_decay": 0.0}],
+                  bad_configs=ADAM_BAD),
+    OptimizerInfo(
+        fo.Adagrad, torch.optim.Adagrad,
+        configs=[
+            {},
+            {"lr": 0.1, "lr_decay": 0.01},
+            {"lr": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.5},
+            {"lr": 0.1, "eps": 1e-3, "maximize": True},
+        ],
+        bad_configs=[{"lr": -0.1}, {"lr_decay": -0.1}, {"weight_decay": -0.1}, {"eps": -1.0},
+                     {"initial_accumulator_value": -1.0}],
+    ),
+    OptimizerInfo(
+        fo.RMSprop, torch.optim.RMSprop,
+        configs=[
+            {},
+            {"lr": 1e-2, "alpha": 0.9, "eps": 1e-4},
+            {"lr": 1e-2, "centered": True},
+            {"lr": 1e-2, "momentum": 0.9},
+            {"lr": 1e-2, "momentum": 0.5, "centered": True, "weight_decay": 0.1},
+            {"lr": 1e-2, "maximize": True, "centered": True},
+        ],
+        bad_configs=[{"lr": -0.1}, {"eps": -1.0}, {"momentum": -0.1}, {"weight_decay": -1.0},
+                     {"alpha": -0.5}],
+    ),
+]
+
+CASES = [
+    pytest.param(info, config, id=f"{info.name}-{i}")
+    for info in OPTIMIZERS
+    for i, config in enumerate(info.configs)
+]
+
+# Every awkward shape in one list: matrices, a vector, a scalar-like, empty, 3-d.
+SHAPES = [(3, 5), (5,), (1,), (0,), (2, 3, 4), (40,)]
+
+
+def _params(dtype=torch.float32, shapes=SHAPES):
+    return [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+def _grad_sequence(params, steps, *, skip=None):
+    """Random grads per step; ``skip(step, index)`` True leaves that grad None."""
+    seq = []
+    for k in range(steps):
+        seq.append([None if skip and skip(k, i) else torch.randn_like(p)
+                    for i, p in enumerate(params)])
+    return seq
+
+
+def _run(opt, params, grads_seq):
+    for grads in grads_seq:
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+
+
+def _clone_config(config):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in config.items()}
+
+
+def _assert_same_state(ours, theirs):
+    sd_ours, sd_theirs = ours.state_dict(), theirs.state_dict()
+    assert sd_ours["state"].keys() == sd_theirs["state"].keys()
+    for idx, state in sd_theirs["state"].items():
+        assert sd_ours["state"][idx].keys() == state.keys(), idx
+        for key, value in state.items():
+            mine = sd_ours["state"][idx][key]
+            if key == "step":
+                assert mine.dtype == value.dtype and mine.device == value.device
+                assert mine.item() == value.item()
+            else:
+                assert_close(mine, value, msg=f"state[{idx}][{key}]")
+    for g_ours, g_theirs in zip(sd_ours["param_groups"], sd_theirs["param_groups"]):
+        assert g_ours.keys() == g_theirs.keys()
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("info,config", CASES)
+def test_matches_torch_over_20_steps(info, config, impl):
+    steps = 20
+    params = _params()
+    theirs_params = [p.detach().clone().requires_grad_() for p in params]
+    # Param 2 has no grad on even steps: it must be skipped, as torch skips it.
+    grads = _grad_sequence(params, steps, skip=lambda k, i: i == 2 and k % 2 == 0)
+    ours = info.ours(params, impl=impl, **_clone_config(config))
+    theirs = info.theirs(theirs_params, **_clone_config(config))
+    with backends.trace() as calls:
+        _run(ours, params, grads)
+    _run(theirs, theirs_params, grads)
+    assert calls and {impl_ for _, impl_ in calls} == {Impl(impl)}
+    for p, q in zip(params, theirs_params):
+        assert_close(p.detach(), q.detach())
+    _assert_same_state(ours, theirs)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_float64_is_tighter(info):
+    config = info.configs[-1] if not isinstance(info.configs[-1].get("lr"), torch.Tensor) \
+        else info.configs[1]
+    params = _params(torch.float64)
+    theirs_params = [p.detach().clone().requires_grad_() for p in params]
+    grads = _grad_sequence(params, 20)
+    _run(info.ours(params, **config), params, grads)
+    _run(info.theirs(theirs_params, **config), theirs_params, grads)
+    for p, q in zip(params, theirs_params):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", [i for i in ALL_IMPLS if i.values[0] != "reference"])
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_params_match_the_fp32_reference(info, dtype, impl):
+    """bf16/fp16 params are updated with fp32 arithmetic inside the kernel, rounded once."""
+    config = info.configs[1]
+    params = _params(dtype)
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    grads = _grad_sequence(params, 3)
+    _run(info.ours(params, impl=impl, **config), params, grads)
+    _run(info.ours(ref_params, impl="reference", **config), ref_params, grads)
+    for p, q in zip(params, ref_params):
+        if impl == "triton" and dtype == torch.bfloat16:  # interpreter truncates; see tolerances
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=3 * 2**-7, atol=3 * 2**-7)
+        else:
+            assert_close(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_mixed_dtypes_in_one_group(info):
+    config = info.configs[1]
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    params = [torch.randn(17, dtype=d, requires_grad=True) for d in dtypes]
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    grads = _grad_sequence(params, 3)
+    with backends.trace() as calls:
+        _run(info.ours(params, **config), params, grads)
+    assert len(calls) == 3  # one call per step for the whole mixed group
+    _run(info.ours(ref_params, impl="reference", **config), ref_params, grads)
+    for p, q in zip(params, ref_params):
+        assert_close(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+@pytest.mark.parametrize("direction", ["torch_to_fastmeta", "fastmeta_to_torch"])
+def test_state_dict_moves_between_torch_and_fastmeta(info, direction):
+    config = info.configs[1]
+    params = _params()
+    grads = _grad_sequence(params, 10)
+    first, second = (info.theirs, info.ours) if direction == "torch_to_fastmeta" \
+        else (info.ours, info.theirs)
+    opt1 = first(params, **config)
+    _run(opt1, params, grads[:5])
+    saved = copy.deepcopy(opt1.state_dict())
+    # Continue in the other library from the saved state...
+    continued = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = second(continued, **config)
+    opt2.load_state_dict(saved)
+    _run(opt2, continued, grads[5:])
+    # ...and in the first one, uninterrupted.
+    _run(opt1, params, grads[5:])
+    for p, q in zip(continued, params):
+        assert_close(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+@pytest.mark.parametrize("bad", range(5))
+def test_invalid_hyperparameters_raise_like_torch(info, bad):
+    if bad >= len(info.bad_configs):
+        pytest.skip("no more bad configs for this optimizer")
+    config = info.bad_configs[bad]
+    with pytest.raises(Exception) as theirs:
+        info.theirs(_params(), **config)
+    with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))):
+        info.ours(_params(), **config)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_same_constructor_defaults_as_torch(info):
+    params = _params()
+    assert info.ours(params).defaults.keys() == info.theirs(params).defaults.keys()
+    for key, value in info.theirs(params).defaults.items():
+        assert info.ours(params).defaults[key] == value, key
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_param_groups_schedulers_closures_and_zero_grad(info):
+    lr0 = 0.05
+    a, b = _params(shapes=[(4, 3)]), _params(shapes=[(6,)])
+    a2, b2 = ([p.detach().clone().requires_grad_() for p in ps] for ps in (a, b))
+    ours = info.ours([{"params": a}], lr=lr0)
+    theirs = info.theirs([{"params": a2}], lr=lr0)
+    ours.add_param_group({"params": b, "lr": 2 * lr0})
+    theirs.add_param_group({"params": b2, "lr": 2 * lr0})
+    sched_ours = torch.optim.lr_scheduler.StepLR(ours, step_size=2, gamma=0.5)
+    sched_theirs = torch.optim.lr_scheduler.StepLR(theirs, step_size=2, gamma=0.5)
+    target = torch.randn(4, 3)
+
+    def closure_for(params):
+        def closure():
+            loss = ((params[0] - target) ** 2).sum() + params[1].pow(2).sum()
+            loss.backward()
+            return loss
+        return closure
+
+    for _ in range(6):
+        ours.zero_grad()
+        theirs.zero_grad()
+        loss_ours = ours.step(closure_for([a[0], b[0]]))
+        loss_theirs = theirs.step(closure_for([a2[0], b2[0]]))
+        torch.testing.assert_close(loss_ours, loss_theirs)
+        sched_ours.step()
+        sched_theirs.step()
+    assert ours.param_groups[1]["lr"] == theirs.param_groups[1]["lr"]
+    for p, q in zip(a + b, a2 + b2):
+        assert_close(p.detach(), q.detach())
+    ours.zero_grad()
+    assert all(p.grad is None for p in a + b)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_sparse_gradient_is_refused(info):
+    p = torch.randn(5, requires_grad=True)
+    p.grad = torch.ones(5).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        info.ours([p]).step()
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_complex_params_are_updated_as_real_views_like_torch(info):
+    config = info.configs[1]
+    p = torch.randn(6, dtype=torch.complex64, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    grads = [[torch.randn(6, dtype=torch.complex64)] for _ in range(5)]
+    _run(info.ours([p], **config), [p], grads)
+    _run(info.theirs([q], **config), [q], grads)
+    torch.testing.assert_close(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_differentiable_is_refused(info):
+    with pytest.raises(ValueError, match="not differentiable; use fastmeta.functional"):
+        info.ours(_params(), differentiable=True)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_is_a_torch_optimizer_of_the_same_kind(info):
+    opt = info.ours(_params())
+    assert isinstance(opt, info.theirs)
+    assert isinstance(opt, torch.optim.Optimizer)
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_one_native_call_per_group_per_step(info):
+    params = _params()
+    opt = info.ours([{"params": params[:3]}, {"params": params[3:]}], **info.configs[1])
+    with backends.trace() as calls:
+        _run(opt, params, _grad_sequence(params, 2))
+    assert [impl for _, impl in calls] == [Impl.NATIVE] * 4
