@@ -137,7 +137,7 @@ def _warn_once(op: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def resolve(impl: Impl | str, device: torch.device, *, op: str) -> Impl:
+def resolve(impl: Impl | str, device: torch.device, *, op: str, record: bool = True) -> Impl:
     """Turns a requested implementation into the one that will run ``op`` on ``device``.
 
     Args:
@@ -145,6 +145,7 @@ def resolve(impl: Impl | str, device: torch.device, *, op: str) -> Impl:
             the ``FASTMETA_IMPL`` environment variable.
         device: where the op's tensors live.
         op: the op's name, used in messages and in :func:`trace`.
+        record: note the choice for :func:`trace` (False when resolving ahead of a run).
 
     Raises:
         ImplementationUnavailable: an explicitly requested implementation cannot run here.
@@ -170,9 +171,16 @@ def resolve(impl: Impl | str, device: torch.device, *, op: str) -> Impl:
         else:
             _warn_once(op, f"fastmeta: {op} falls back to the PyTorch reference because {why}")
             chosen = Impl.REFERENCE
-    if _trace_stack:
-        _trace_stack[-1].append((op, chosen))
+    if record:
+        note(op, chosen)
     return chosen
+
+
+def note(op: str, impl: Impl) -> None:
+    """Records that ``op`` ran on ``impl``, for :func:`trace`; ops that resolved their
+    implementation earlier (see :mod:`fastmeta.ops.prepared`) call it on every run."""
+    if _trace_stack:
+        _trace_stack[-1].append((op, impl))
 
 
 @contextlib.contextmanager

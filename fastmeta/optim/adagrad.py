@@ -8,17 +8,20 @@ import torch
 
 from fastmeta.backends import Impl
 from fastmeta.ops.adagrad import adagrad_step_
+from fastmeta.ops.prepared import PreparedStep
 from fastmeta.optim.optimizer import (
+    FusedOptimizer,
     as_real,
     check_fused_flags,
     new_step_counter,
     params_with_grad,
+    pick,
     run_closure,
-    split_by_device,
+    run_plans,
 )
 
 
-class Adagrad(torch.optim.Adagrad):
+class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     """``torch.optim.Adagrad`` with one fused kernel call per param group.
 
     The maths is torch's (see :mod:`fastmeta.ops.adagrad`; Duchi et al., 2011). Arguments,
@@ -63,25 +66,33 @@ class Adagrad(torch.optim.Adagrad):
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Performs a single optimization step (one fused call per param group and device)."""
         loss = run_closure(closure)
-        for group in self.param_groups:
-            params, grads, sums, steps = [], [], [], []
-            for p, g in params_with_grad("Adagrad", group):
-                state = self.state[p]
-                if len(state) == 0:  # a param added by add_param_group, initialised as torch does
-                    init = self.defaults["initial_accumulator_value"]
-                    state["step"] = new_step_counter(p)
-                    state["sum"] = torch.full_like(
-                        p, complex(init, init) if p.is_complex() else init,
-                        memory_format=torch.preserve_format,
-                    )
-                params.append(as_real(p))
-                grads.append(as_real(g))
-                sums.append(as_real(state["sum"]))
-                steps.append(state["step"])
-            for p_, g_, s_, t_ in split_by_device([params, grads, sums, steps]):
-                adagrad_step_(
-                    p_, g_, s_, t_, lr=group["lr"], lr_decay=group["lr_decay"],
-                    weight_decay=group["weight_decay"], eps=group["eps"],
-                    maximize=group["maximize"], impl=self.impl,
+        for index, group in enumerate(self.param_groups):
+            params = params_with_grad("Adagrad", group)
+            if not params:
+                continue
+
+            def prepare(indices, params=params):
+                sub = pick(params, indices)
+                states = []
+                for p in sub:
+                    state = self.state[p]
+                    if len(state) == 0:  # added by add_param_group: initialised as torch does
+                        init = self.defaults["initial_accumulator_value"]
+                        state["step"] = new_step_counter(p)
+                        state["sum"] = torch.full_like(
+                            p, complex(init, init) if p.is_complex() else init,
+                            memory_format=torch.preserve_format,
+                        )
+                    states.append(state)
+                return PreparedStep(
+                    "adagrad_step_", adagrad_step_, "adagrad_step", [as_real(p) for p in sub],
+                    [("state_sums", [as_real(s["sum"]) for s in states])],
+                    [s["step"] for s in states], impl=self.impl,
                 )
+
+            plans = self._plans(index, params, (), prepare)
+            run_plans(
+                plans, self._grads(params), lr=group["lr"], lr_decay=group["lr_decay"],
+                weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+            )
         return loss

@@ -8,54 +8,63 @@ import torch
 
 from fastmeta.backends import Impl
 from fastmeta.ops.adam import adam_step_
+from fastmeta.ops.prepared import PreparedStep
 from fastmeta.optim.optimizer import (
+    FusedOptimizer,
     as_real,
     check_fused_flags,
     new_step_counter,
     params_with_grad,
+    pick,
     run_closure,
-    split_by_device,
+    run_plans,
 )
 
 
-def _adam_step(optimizer: torch.optim.Optimizer, closure, *, name: str, decoupled: bool):
+def _adam_step(optimizer, closure, *, name: str, decoupled: bool):
     loss = run_closure(closure)
-    for group in optimizer.param_groups:
+    message = f"{name} does not support sparse gradients, please consider SparseAdam instead"
+    for index, group in enumerate(optimizer.param_groups):
+        params = params_with_grad(name, group, sparse_message=message)
+        if not params:
+            continue
         amsgrad = group["amsgrad"]
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-        message = f"{name} does not support sparse gradients, please consider SparseAdam instead"
-        for p, g in params_with_grad(name, group, sparse_message=message):
-            state = optimizer.state[p]
-            if len(state) == 0:
-                state["step"] = new_step_counter(p)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if amsgrad:
-                    state["max_exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-            params.append(as_real(p))
-            grads.append(as_real(g))
-            exp_avgs.append(as_real(state["exp_avg"]))
-            exp_avg_sqs.append(as_real(state["exp_avg_sq"]))
-            if amsgrad:
-                max_exp_avg_sqs.append(as_real(state["max_exp_avg_sq"]))
-            steps.append(state["step"])
-        beta1, beta2 = group["betas"]
-        lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps]
-        for p_, g_, m_, v_, vmax_, s_ in split_by_device(lists):
-            adam_step_(
-                p_, g_, m_, v_, vmax_ if amsgrad else None, s_,
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], amsgrad=amsgrad,
-                maximize=group["maximize"],
-                decoupled_weight_decay=group.get("decoupled_weight_decay", decoupled),
-                impl=optimizer.impl,
+
+        def prepare(indices, params=params, amsgrad=amsgrad):
+            sub = pick(params, indices)
+            states = []
+            for p in sub:
+                state = optimizer.state[p]
+                if len(state) == 0:
+                    state["step"] = new_step_counter(p)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if amsgrad:
+                        state["max_exp_avg_sq"] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format
+                        )
+                states.append(state)
+            return PreparedStep(
+                "adam_step_", adam_step_, "adam_step", [as_real(p) for p in sub],
+                [("exp_avgs", [as_real(s["exp_avg"]) for s in states]),
+                 ("exp_avg_sqs", [as_real(s["exp_avg_sq"]) for s in states]),
+                 ("max_exp_avg_sqs",
+                  [as_real(s["max_exp_avg_sq"]) for s in states] if amsgrad else None)],
+                [s["step"] for s in states], impl=optimizer.impl,
             )
+
+        plans = optimizer._plans(index, params, (amsgrad,), prepare)
+        beta1, beta2 = group["betas"]
+        run_plans(
+            plans, optimizer._grads(params), lr=group["lr"], beta1=beta1, beta2=beta2,
+            eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=amsgrad,
+            maximize=group["maximize"],
+            decoupled_weight_decay=group.get("decoupled_weight_decay", decoupled),
+        )
     return loss
 
 
-class Adam(torch.optim.Adam):
+class Adam(FusedOptimizer, torch.optim.Adam):
     """``torch.optim.Adam`` with one fused kernel call per param group.
 
     The maths is torch's (see :mod:`fastmeta.ops.adam`; Kingma & Ba, 2015,
@@ -105,7 +114,7 @@ class Adam(torch.optim.Adam):
         return _adam_step(self, closure, name="Adam", decoupled=False)
 
 
-class AdamW(torch.optim.AdamW):
+class AdamW(FusedOptimizer, torch.optim.AdamW):
     """``torch.optim.AdamW`` (decoupled weight decay; Loshchilov & Hutter, 2019,
     https://arxiv.org/abs/1711.05101) with one fused kernel call per param group.
 

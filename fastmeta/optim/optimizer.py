@@ -2,18 +2,22 @@
 
 Each optimizer subclasses the ``torch.optim`` class of the same name, so the constructor, its
 defaults and validation, param groups, ``add_param_group``, ``zero_grad``, hooks, schedulers
-and the ``state_dict()`` layout are torch's own. Only ``step`` is replaced: it gathers each
-param group's tensors and updates all of them with one fused call (per device) through
-:mod:`fastmeta.ops`.
+and the ``state_dict()`` layout are torch's own. Only ``step`` is replaced: it updates every
+tensor of a param group with one fused call (per device) through :mod:`fastmeta.ops`.
+
+A step on a small model is dominated by per-tensor Python work, so each group's tensor lists
+are validated once into :class:`~fastmeta.ops.prepared.PreparedStep` objects ("plans") and
+reused while the same params have gradients, the state layout flags are unchanged, and no
+param or state tensor has moved. ``load_state_dict`` and ``add_param_group`` drop the plans.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 
 import torch
 
-from fastmeta.backends import Impl
+from fastmeta.ops.prepared import PreparedStep
 
 try:  # the dtype torch.optim uses for step counters (float64 when that is the default dtype)
     from torch.optim.optimizer import _get_scalar_dtype as scalar_dtype
@@ -21,11 +25,6 @@ except ImportError:  # pragma: no cover - older torch
 
     def scalar_dtype() -> torch.dtype:
         return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-IMPL_DOC = """impl: which implementation runs the fused step: ``"auto"`` (native C++ on CPU tensors,
-            Triton on CUDA tensors), ``"native"``, ``"triton"`` or ``"reference"``; see
-            :mod:`fastmeta.backends`."""
 
 
 def check_fused_flags(name: str, *, differentiable: bool, capturable: bool = False) -> None:
@@ -63,44 +62,85 @@ def as_real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def params_with_grad(
-    name: str, group: dict, *, sparse_message: str | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The ``(param, grad)`` pairs of a group that have a gradient; sparse ones are refused."""
-    for p in group["params"]:
-        g = p.grad
-        if g is None:
-            continue
-        if g.is_sparse:
-            raise RuntimeError(
-                sparse_message or f"{name} does not support sparse gradients"
-            )
-        yield p, g
+def params_with_grad(name: str, group: dict, *, sparse_message: str | None = None
+                     ) -> list[torch.Tensor]:
+    """The params of a group that have a gradient; sparse gradients are refused."""
+    params = [p for p in group["params"] if p.grad is not None]
+    for p in params:
+        if p.grad.is_sparse:
+            raise RuntimeError(sparse_message or f"{name} does not support sparse gradients")
+    return params
 
 
-def split_by_device(tensors_lists: list[list[torch.Tensor]]) -> list[list[list[torch.Tensor]]]:
-    """Splits parallel lists (params first) into one set per device; one fused call each."""
-    params = tensors_lists[0]
-    if not params:
-        return []
+def device_groups(params: Sequence[torch.Tensor]) -> list[list[int] | None]:
+    """Indices of the params on each device; ``[None]`` (all of them) when there is one."""
     device = params[0].device
     if all(p.device == device for p in params):
-        return [tensors_lists]
+        return [None]
     by_device: dict[torch.device, list[int]] = {}
     for i, p in enumerate(params):
         by_device.setdefault(p.device, []).append(i)
-    return [[[lst[i] for i in idx] if lst else [] for lst in tensors_lists]
-            for idx in by_device.values()]
+    return list(by_device.values())
 
 
-__all__ = [
-    "IMPL_DOC",
-    "Impl",
-    "as_real",
-    "check_fused_flags",
-    "new_step_counter",
-    "params_with_grad",
-    "run_closure",
-    "scalar_dtype",
-    "split_by_device",
-]
+def pick(items: Sequence, indices: list[int] | None) -> list:
+    return list(items) if indices is None else [items[i] for i in indices]
+
+
+Plans = list[tuple["list[int] | None", PreparedStep]]
+
+
+class FusedOptimizer:
+    """Mixin for the drop-in optimizers: caches each group's prepared plans."""
+
+    def _plans(
+        self,
+        group_index: int,
+        params: list[torch.Tensor],
+        layout: tuple,
+        prepare: Callable[[list[int] | None], PreparedStep],
+        *,
+        cache: bool = True,
+    ) -> Plans:
+        """The plans of one group for these params with grads, built by ``prepare(indices)``
+        on a miss. ``layout`` holds the group flags that decide which state lists exist."""
+        plans_by_group = self.__dict__.setdefault("_fastmeta_plans", {})
+        entry = plans_by_group.get(group_index)
+        if entry is not None:
+            key_params, key_layout, plans = entry
+            if (key_layout == layout and len(key_params) == len(params)
+                    and all(a is b for a, b in zip(key_params, params))
+                    and all(plan.still_valid() for _, plan in plans)):
+                return plans
+        plans = [(idx, prepare(idx)) for idx in device_groups(params)]
+        if cache:
+            plans_by_group[group_index] = (params, layout, plans)
+        else:
+            plans_by_group.pop(group_index, None)
+        return plans
+
+    def _grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        grads = [p.grad for p in params]
+        if any(g.is_complex() for g in grads):
+            grads = [as_real(g) for g in grads]
+        return grads
+
+    def _drop_plans(self) -> None:
+        self.__dict__.pop("_fastmeta_plans", None)
+
+    def load_state_dict(self, state_dict) -> None:
+        self._drop_plans()
+        super().load_state_dict(state_dict)
+
+    def add_param_group(self, param_group) -> None:
+        self._drop_plans()
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state) -> None:
+        self._drop_plans()
+        super().__setstate__(state)
+
+
+def run_plans(plans: Plans, grads: list[torch.Tensor], **hyper) -> None:
+    for indices, plan in plans:
+        plan(pick(grads, indices), **hyper)

@@ -8,17 +8,20 @@ import torch
 
 from fastmeta.backends import Impl
 from fastmeta.ops.rmsprop import rmsprop_step_
+from fastmeta.ops.prepared import PreparedStep
 from fastmeta.optim.optimizer import (
+    FusedOptimizer,
     as_real,
     check_fused_flags,
     new_step_counter,
     params_with_grad,
+    pick,
     run_closure,
-    split_by_device,
+    run_plans,
 )
 
 
-class RMSprop(torch.optim.RMSprop):
+class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     """``torch.optim.RMSprop`` (plain or centered, with optional momentum) with one fused
     kernel call per param group.
 
@@ -65,34 +68,39 @@ class RMSprop(torch.optim.RMSprop):
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Performs a single optimization step (one fused call per param group and device)."""
         loss = run_closure(closure)
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            params = params_with_grad("RMSprop", group)
+            if not params:
+                continue
             momentum, centered = group["momentum"], group["centered"]
-            params, grads, square_avgs, buffers, grad_avgs, steps = [], [], [], [], [], []
-            for p, g in params_with_grad("RMSprop", group):
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = new_step_counter(p)
-                    state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if momentum > 0:
-                        state["momentum_buffer"] = torch.zeros_like(
-                            p, memory_format=torch.preserve_format
-                        )
-                    if centered:
-                        state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(as_real(p))
-                grads.append(as_real(g))
-                square_avgs.append(as_real(state["square_avg"]))
-                if momentum > 0:
-                    buffers.append(as_real(state["momentum_buffer"]))
-                if centered:
-                    grad_avgs.append(as_real(state["grad_avg"]))
-                steps.append(state["step"])
-            lists = [params, grads, square_avgs, buffers, grad_avgs, steps]
-            for p_, g_, v_, b_, a_, s_ in split_by_device(lists):
-                rmsprop_step_(
-                    p_, g_, v_, b_ if momentum > 0 else None, a_ if centered else None, s_,
-                    lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
-                    weight_decay=group["weight_decay"], momentum=momentum, centered=centered,
-                    maximize=group["maximize"], impl=self.impl,
+
+            def prepare(indices, params=params, momentum=momentum, centered=centered):
+                sub = pick(params, indices)
+                states = []
+                for p in sub:
+                    state = self.state[p]
+                    if len(state) == 0:
+                        zeros = torch.zeros_like  # every RMSprop state starts at zero
+                        state["step"] = new_step_counter(p)
+                        state["square_avg"] = zeros(p, memory_format=torch.preserve_format)
+                        if momentum > 0:
+                            state["momentum_buffer"] = zeros(p, memory_format=torch.preserve_format)
+                        if centered:
+                            state["grad_avg"] = zeros(p, memory_format=torch.preserve_format)
+                    states.append(state)
+                return PreparedStep(
+                    "rmsprop_step_", rmsprop_step_, "rmsprop_step", [as_real(p) for p in sub],
+                    [("square_avgs", [as_real(s["square_avg"]) for s in states]),
+                     ("momentum_buffers", [as_real(s["momentum_buffer"]) for s in states]
+                      if momentum > 0 else None),
+                     ("grad_avgs", [as_real(s["grad_avg"]) for s in states] if centered else None)],
+                    [s["step"] for s in states], impl=self.impl,
                 )
+
+            plans = self._plans(index, params, (momentum > 0, centered), prepare)
+            run_plans(
+                plans, self._grads(params), lr=group["lr"], alpha=group["alpha"],
+                eps=group["eps"], weight_decay=group["weight_decay"], momentum=momentum,
+                centered=centered, maximize=group["maximize"],
+            )
         return loss

@@ -8,16 +8,19 @@ import torch
 
 from fastmeta.backends import Impl
 from fastmeta.ops.sgd import sgd_step_
+from fastmeta.ops.prepared import PreparedStep
 from fastmeta.optim.optimizer import (
+    FusedOptimizer,
     as_real,
     check_fused_flags,
     params_with_grad,
+    pick,
     run_closure,
-    split_by_device,
+    run_plans,
 )
 
 
-class SGD(torch.optim.SGD):
+class SGD(FusedOptimizer, torch.optim.SGD):
     """``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay, maximize) with one fused
     kernel call per param group.
 
@@ -62,32 +65,49 @@ class SGD(torch.optim.SGD):
         """Performs a single optimization step (one fused call per param group and device;
         two when some params get their momentum buffer on this step)."""
         loss = run_closure(closure)
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            params = params_with_grad("SGD", group)
+            if not params:
+                continue
             momentum = group["momentum"]
-            # Params whose buffer starts now take torch's first-step rule (buffer = d), so
-            # they go in a call of their own.
-            fresh: list[list[torch.Tensor]] = [[], [], []]
-            running: list[list[torch.Tensor]] = [[], [], []]
-            for p, g in params_with_grad("SGD", group):
-                buf = None
-                target = running
-                if momentum != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["momentum_buffer"] = buf
-                        target = fresh
-                target[0].append(as_real(p))
-                target[1].append(as_real(g))
-                if buf is not None:
-                    target[2].append(as_real(buf))
-            for first_step, lists in ((True, fresh), (False, running)):
-                for params, grads, buffers in split_by_device(lists):
-                    sgd_step_(
-                        params, grads, buffers if momentum != 0 else None,
-                        lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum,
-                        dampening=group["dampening"], nesterov=group["nesterov"],
-                        maximize=group["maximize"], first_step=first_step, impl=self.impl,
-                    )
+            hyper = dict(
+                lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum,
+                dampening=group["dampening"], nesterov=group["nesterov"],
+                maximize=group["maximize"],
+            )
+            grads = self._grads(params)
+            fresh = [i for i, p in enumerate(params)
+                     if momentum != 0 and self.state[p].get("momentum_buffer") is None]
+            if fresh:
+                # Buffers that start now take torch's first-step rule (buffer = d): those
+                # params get a call of their own, and the plans are rebuilt next step.
+                fresh_set = set(fresh)
+                running = [i for i in range(len(params)) if i not in fresh_set]
+                for subset, first in ((fresh, True), (running, False)):
+                    if subset:
+                        plans = self._plans(index, pick(params, subset), (momentum != 0,),
+                                            self._preparer(pick(params, subset), momentum),
+                                            cache=False)
+                        run_plans(plans, pick(grads, subset), first_step=first, **hyper)
+                continue
+            plans = self._plans(index, params, (momentum != 0,), self._preparer(params, momentum))
+            run_plans(plans, grads, first_step=False, **hyper)
         return loss
+
+    def _preparer(self, params: list[torch.Tensor], momentum: float):
+        def prepare(indices):
+            sub = pick(params, indices)
+            buffers = None
+            if momentum != 0:
+                buffers = []
+                for p in sub:
+                    state = self.state[p]
+                    if state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format
+                        )
+                    buffers.append(as_real(state["momentum_buffer"]))
+            return PreparedStep("sgd_step_", sgd_step_, "sgd_step", [as_real(p) for p in sub],
+                                [("momentum_buffers", buffers)], None, impl=self.impl)
+
+        return prepare

@@ -1,0 +1,96 @@
+"""The drop-in optimizer benchmark behind ``bench_adam``, ``bench_sgd``, ``bench_adagrad`` and
+``bench_rmsprop``: one ``step()`` of ``fastmeta.optim.X`` against ``torch.optim.X`` in its
+for-loop, foreach and fused forms (and ``torch.compile`` of the for-loop step on request), on
+the workloads of :mod:`benchmarks.workloads`, with the stream floor for the same bytes measured
+in the same run."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import fastmeta.optim as fo
+from benchmarks import harness
+from benchmarks.workloads import WORKLOADS, numel
+
+# (reads, writes) of fp32 streams per element for each optimizer as benchmarked.
+STREAMS = {
+    "Adam": (4, 3),  # p, g, m, v in; p, m, v out: 28 B/element
+    "SGD": (3, 2),  # p, g, momentum buffer in; p, buffer out: 20 B/element
+    "Adagrad": (3, 2),  # p, g, sum in; p, sum out
+    "RMSprop": (3, 2),  # p, g, square_avg in; p, square_avg out
+}
+TORCH_VARIANTS = {
+    "for-loop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+}
+
+
+def _make_params(shapes, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.randn(s, generator=gen).requires_grad_()
+        p.grad = torch.randn(s, generator=gen) * 1e-3
+        params.append(p)
+    return params
+
+
+def bench_optimizer(
+    name: str,
+    config: dict[str, Any],
+    *,
+    workloads: list[str],
+    min_run_time: float,
+    compile_baseline: bool = False,
+    progress: Callable[[str], None] = print,
+) -> list[harness.Row]:
+    ours_cls = getattr(fo, name)
+    torch_cls = getattr(torch.optim, name)
+    reads, writes = STREAMS[name]
+    rows = []
+    for workload in workloads:
+        shapes = WORKLOADS[workload]
+        progress(f"{name} on {workload}: fastmeta")
+        ours_opt = ours_cls(_make_params(shapes), **config)
+        ours = harness.time_fn(ours_opt.step, min_run_time=min_run_time)
+        baselines: dict[str, harness.Timing | None] = {}
+        for variant, flags in TORCH_VARIANTS.items():
+            progress(f"{name} on {workload}: torch {variant}")
+            opt = torch_cls(_make_params(shapes), **config, **flags)
+            baselines[variant] = harness.time_fn(opt.step, min_run_time=min_run_time)
+        if compile_baseline:
+            progress(f"{name} on {workload}: torch.compile (compiling)")
+            opt = torch_cls(_make_params(shapes), **config, foreach=False)
+            compiled = torch.compile(opt.step)
+            baselines["compile"] = harness.time_fn(compiled, min_run_time=min_run_time)
+        progress(f"{name} on {workload}: stream floor ({reads}R/{writes}W)")
+        floor = harness.stream_floor(numel(shapes), reads, writes, min_run_time=min_run_time)
+        rows.append(harness.Row(
+            name=f"{name} {workload}", ours=ours, baselines=baselines, floor=floor,
+            notes={"tensors": len(shapes), "elements": numel(shapes),
+                   "bytes": numel(shapes) * 4 * (reads + writes), "config": str(config)},
+        ))
+    return rows
+
+
+def main_for(name: str, config: dict[str, Any], description: str) -> None:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help=f"comma-separated subset of {', '.join(WORKLOADS)}")
+    parser.add_argument("--min-run-time", type=float, default=harness.DEFAULT_MIN_RUN_TIME,
+                        help="seconds of repeated calls per measurement")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile of the for-loop step (slow to compile)")
+    parser.add_argument("--json", help="write the rows and machine info here")
+    args = parser.parse_args()
+    rows = bench_optimizer(name, config, workloads=args.workloads.split(","),
+                           min_run_time=args.min_run_time, compile_baseline=args.compile)
+    baselines = list(TORCH_VARIANTS) + (["compile"] if args.compile else [])
+    print(harness.format_table(rows, baselines))
+    if args.json:
+        harness.write_json(args.json, f"bench_{name.lower()}", rows)
