@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from benchmarks.optimizer_bench import main_for
-
-CONFIG = {"lr": 1e-3}
+from fastmeta.bench.optimizers import main_for
 
 
 def main() -> None:
-    main_for("Adam", CONFIG, __doc__)
+    main_for("Adam", __doc__)
 
 
 if __name__ == "__main__":

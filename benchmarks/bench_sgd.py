@@ -1,14 +1,12 @@
-"""``python -m benchmarks.bench_sgd``: fastmeta.optim.SGD (momentum 0.9) against torch.optim.SGD."""
+"""``python -m benchmarks.bench_sgd``: fastmeta.optim.SGD against torch.optim.SGD."""
 
 from __future__ import annotations
 
-from benchmarks.optimizer_bench import main_for
-
-CONFIG = {"lr": 1e-3, "momentum": 0.9}
+from fastmeta.bench.optimizers import main_for
 
 
 def main() -> None:
-    main_for("SGD", CONFIG, __doc__)
+    main_for("SGD", __doc__)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The ``fastmeta`` command: ``info`` and ``demo`` (``bench``, ``train``, ``eval`` and ``hpo``
+"""The ``fastmeta`` command: ``info``, ``demo`` and ``bench`` (``train``, ``eval`` and ``hpo``
 join as their issues land)."""
 
 from __future__ import annotations
@@ -83,13 +83,84 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Progress:
+    """One status line on stderr, rewritten in place on a terminal."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.started = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.perf_counter() - self.started:6.1f}s] {message}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs the selected suites, prints one table per suite, writes JSON and a PNG chart.
+    Ctrl-C stops the run and still reports every row finished so far."""
+    from fastmeta.bench import harness, report, suites
+
+    try:
+        selected = suites.select(args.only)
+    except ValueError as exc:
+        print(f"fastmeta bench: {exc}", file=sys.stderr)
+        return 2
+    progress = _Progress()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"fastmeta bench on {device}: {harness.cpu_model()}, {torch.get_num_threads()} "
+          f"threads{' (quick)' if args.quick else ''}")
+    finished: list[tuple[suites.Suite, list[harness.Row]]] = []
+    interrupted = False
+    try:
+        for suite in selected:
+            rows: list[harness.Row] = []
+            finished.append((suite, rows))
+            for row in suite.rows(quick=args.quick, progress=progress):
+                rows.append(row)
+    except KeyboardInterrupt:
+        interrupted = True
+    progress.done()
+    all_rows = []
+    for suite, rows in finished:
+        if rows:
+            print(f"\n{suite.name}: {suite.description}")
+            print(harness.format_table(rows, suite.baselines))
+            all_rows += rows
+    if interrupted:
+        print(f"\ninterrupted: reporting the {len(all_rows)} row(s) finished so far")
+    if not all_rows:
+        return 130 if interrupted else 1
+    harness.write_json(args.json, "fastmeta bench", all_rows,
+                       extra={"quick": args.quick, "interrupted": interrupted,
+                              "suites": [s.name for s, _ in finished]})
+    report.plot_speedups(all_rows, args.plot, title=f"fastmeta bench ({device}, "
+                         f"{torch.get_num_threads()} threads)")
+    print(f"\nwrote {args.json} and {args.plot}")
+    return 130 if interrupted else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastmeta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, ISA, threads and available implementations")
     sub.add_parser("demo", help="run a fused SGD step on every available implementation")
+    bench = sub.add_parser("bench", help="benchmark fastmeta against torch on this machine")
+    bench.add_argument("--quick", action="store_true",
+                       help="fewer workloads and shorter measurements (under 2 minutes)")
+    bench.add_argument("--only", help="comma-separated suites to run (default: all)")
+    bench.add_argument("--json", default="fastmeta-bench.json", help="where to write the rows")
+    bench.add_argument("--plot", default="fastmeta-bench.png", help="where to write the chart")
     args = parser.parse_args(argv)
-    handlers = {"info": cmd_info, "demo": cmd_demo}
+    handlers = {"info": cmd_info, "demo": cmd_demo, "bench": cmd_bench}
     return handlers[args.command](args)
 
 

@@ -1,4 +1,5 @@
-"""Triton kernel for the fused in-place RMSprop step; the maths is in :mod:`fastmeta.ops.rmsprop`."""
+"""Triton kernel for the fused in-place RMSprop step; the maths is in
+:mod:`fastmeta.ops.rmsprop`."""
 
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def rmsprop_step_(
             tt.address_table(sub_params, device),
             tt.address_table([grads[i] for i in idx], device),
             tt.address_table([square_avgs[i] for i in idx], device),
-            tt.address_table([momentum_buffers[i] for i in idx] if momentum_buffers else [], device),
+            tt.address_table([momentum_buffers[i] for i in idx] if momentum_buffers else [],
+                             device),
             tt.address_table([grad_avgs[i] for i in idx] if centered else [], device),
             block_tensor,
             block_start,

@@ -7,14 +7,14 @@ in the same run."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 import fastmeta.optim as fo
-from benchmarks import harness
-from benchmarks.workloads import WORKLOADS, numel
+from fastmeta.bench import harness
+from fastmeta.bench.workloads import WORKLOADS, numel
 
 # (reads, writes) of fp32 streams per element for each optimizer as benchmarked.
 STREAMS = {
@@ -22,6 +22,13 @@ STREAMS = {
     "SGD": (3, 2),  # p, g, momentum buffer in; p, buffer out: 20 B/element
     "Adagrad": (3, 2),  # p, g, sum in; p, sum out
     "RMSprop": (3, 2),  # p, g, square_avg in; p, square_avg out
+}
+# The hyperparameters each optimizer is benchmarked with.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "Adam": {"lr": 1e-3},
+    "SGD": {"lr": 1e-3, "momentum": 0.9},
+    "Adagrad": {"lr": 1e-3},
+    "RMSprop": {"lr": 1e-3},
 }
 TORCH_VARIANTS = {
     "for-loop": {"foreach": False},
@@ -42,17 +49,17 @@ def _make_params(shapes, seed: int = 0) -> list[torch.Tensor]:
 
 def bench_optimizer(
     name: str,
-    config: dict[str, Any],
     *,
     workloads: list[str],
     min_run_time: float,
     compile_baseline: bool = False,
     progress: Callable[[str], None] = print,
-) -> list[harness.Row]:
+) -> Iterator[harness.Row]:
+    """Yields one row per workload (so an interrupted run keeps the finished rows)."""
+    config = CONFIGS[name]
     ours_cls = getattr(fo, name)
     torch_cls = getattr(torch.optim, name)
     reads, writes = STREAMS[name]
-    rows = []
     for workload in workloads:
         shapes = WORKLOADS[workload]
         progress(f"{name} on {workload}: fastmeta")
@@ -70,15 +77,14 @@ def bench_optimizer(
             baselines["compile"] = harness.time_fn(compiled, min_run_time=min_run_time)
         progress(f"{name} on {workload}: stream floor ({reads}R/{writes}W)")
         floor = harness.stream_floor(numel(shapes), reads, writes, min_run_time=min_run_time)
-        rows.append(harness.Row(
+        yield harness.Row(
             name=f"{name} {workload}", ours=ours, baselines=baselines, floor=floor,
             notes={"tensors": len(shapes), "elements": numel(shapes),
                    "bytes": numel(shapes) * 4 * (reads + writes), "config": str(config)},
-        ))
-    return rows
+        )
 
 
-def main_for(name: str, config: dict[str, Any], description: str) -> None:
+def main_for(name: str, description: str) -> None:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help=f"comma-separated subset of {', '.join(WORKLOADS)}")
@@ -88,8 +94,8 @@ def main_for(name: str, config: dict[str, Any], description: str) -> None:
                         help="also time torch.compile of the for-loop step (slow to compile)")
     parser.add_argument("--json", help="write the rows and machine info here")
     args = parser.parse_args()
-    rows = bench_optimizer(name, config, workloads=args.workloads.split(","),
-                           min_run_time=args.min_run_time, compile_baseline=args.compile)
+    rows = list(bench_optimizer(name, workloads=args.workloads.split(","),
+                                min_run_time=args.min_run_time, compile_baseline=args.compile))
     baselines = list(TORCH_VARIANTS) + (["compile"] if args.compile else [])
     print(harness.format_table(rows, baselines))
     if args.json:
