@@ -1,4 +1,4 @@
-"""Flat parameters: a module's parameters as one contiguous ``[N]`` buffer, or ``[T, N]`` for T tasks.
+"""Flat parameters: a module's parameters in one contiguous ``[N]`` (or ``[T, N]``) buffer.
 
 A :class:`FlatLayout` records where each parameter lives in the flat buffer (name, shape,
 offset). It turns a buffer back into per-tensor *views* for :func:`torch.func.functional_call`,
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FlatEntry", "FlatLayout", "flatten", "MUTABLE_BUFFERS"]
+__all__ = ["MUTABLE_BUFFERS", "FlatEntry", "FlatLayout", "buffer_mutating_modules", "flatten"]
 
 #: What to do with a forward that would update module buffers in place.
 MUTABLE_BUFFERS = ("error", "allow")
@@ -50,7 +50,7 @@ class FlatEntry:
     numel: int
 
 
-def _mutating_modules(module: nn.Module) -> list[str]:
+def buffer_mutating_modules(module: nn.Module) -> list[str]:
     """Names of the submodules whose forward, as the module stands now, updates a buffer in place.
 
     Only norm layers that track running statistics are known to do so (BatchNorm, InstanceNorm
@@ -92,6 +92,7 @@ class FlatLayout:
         device: torch.device,
         buffer_names: tuple[str, ...] = (),
         mutable_buffers: str = "error",
+        slots: tuple[tuple[str, int], ...] | None = None,
     ) -> None:
         if mutable_buffers not in MUTABLE_BUFFERS:
             raise ValueError(
@@ -103,6 +104,13 @@ class FlatLayout:
         self.device = torch.device(device)
         self.buffer_names = buffer_names
         self.mutable_buffers = mutable_buffers
+        # (name, entry index) for every place functional_call must set: one per parameter, plus
+        # one per other module that holds a tied parameter. Tying is resolved here, not by
+        # functional_call(tie_weights=True), which corrupts a module reachable under two names
+        # (pytorch/pytorch#164759: Sequential(lin, act, lin) leaves lin.weight swapped).
+        self.slots = (
+            slots if slots is not None else tuple((e.name, i) for i, e in enumerate(entries))
+        )
 
     @classmethod
     def of(cls, module: nn.Module, *, mutable_buffers: str = "error") -> FlatLayout:
@@ -144,8 +152,16 @@ class FlatLayout:
             offset += p.numel()
         if first is None:
             raise ValueError(f"module ({type(module).__name__}) has no parameters to flatten")
+        index = {id(p): i for i, (_, p) in enumerate(module.named_parameters())}
+        slots = tuple(
+            (f"{prefix}.{attr}" if prefix else attr, index[id(p)])
+            for prefix, m in module.named_modules()  # each module instance once
+            for attr, p in m._parameters.items()
+            if p is not None
+        )
         layout = cls(
             tuple(entries),
+            slots=slots,
             dtype=first[1].dtype,
             device=first[1].device,
             buffer_names=tuple(name for name, _ in module.named_buffers()),
@@ -226,7 +242,7 @@ class FlatLayout:
         """
         if self.mutable_buffers == "allow":
             return
-        names = _mutating_modules(module)
+        names = buffer_mutating_modules(module)
         if names:
             raise RuntimeError(
                 f"module's forward would update buffers in place (running statistics of "
@@ -278,8 +294,10 @@ class FlatLayout:
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
         """:meth:`functional_call` without the checks, for loops that validated once."""
+        views = [flat.narrow(-1, e.offset, e.numel).view(e.shape) for e in self.entries]
+        named = {name: views[i] for name, i in self.slots}
         return torch.func.functional_call(
-            module, self.views(flat), args, kwargs, tie_weights=True, strict=False
+            module, named, args, kwargs, tie_weights=False, strict=False
         )
 
     def flatten(self, module: nn.Module) -> torch.Tensor:

@@ -22,15 +22,17 @@ References:
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple, Union
 
 import torch
 from torch import nn
 
-from fastmeta.flat import FlatLayout
+from fastmeta.flat import FlatLayout, buffer_mutating_modules
 
-__all__ = ["InnerLoopResult", "STRATEGIES", "inner_loop", "resolve_strategy"]
+__all__ = ["STRATEGIES", "InnerLoopResult", "as_step", "inner_loop", "resolve_strategy"]
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, Any, int], "tuple[torch.Tensor, Any]"]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -38,11 +40,33 @@ Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 STRATEGIES = ("auto", "vmap", "loop")
 
-# Measured with benchmarks-free timing on this project's 2-core CPU dev machine (torch 2.13,
-# float32, best of 5): forward of K=1 inner step + meta-backward, second order. See
-# resolve_strategy for the rule these numbers give.
-#   sinusoid MLP 1-40-40-1, T=25, 10-shot:  vmap  TBD ms   loop  TBD ms
-#   conv net                                  vmap  TBD ms   loop  TBD ms
+# Models on which "auto" found that vmap cannot run (data-dependent control flow, .item(), an
+# op without a batching rule that cannot fall back): they use the loop from then on. Weak, so
+# the cache never keeps a model alive.
+_VMAP_FAILED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+# How "auto" was chosen: one timing of each strategy, forward of the inner loop plus the
+# meta-backward, float32, min of 3-5 runs, on the project's shared 2-core CPU dev machine
+# (torch 2.13; noisy, other jobs ran). SGD step ``p - 0.01 * g``.
+#
+#   model                                              K  order   vmap ms   loop ms   loop/vmap
+#   sinusoid MLP 1-40-40-1 ReLU, T=25, 10-shot         1  second      5.3      35.3      6.7x
+#                                                      1  first       3.2      16.1      5.0x
+#                                                      5  second     25.6     193.0      7.5x
+#   conv-4, 32 filters, BN (no running stats), 28x28,  1  second    117.8     159.3      1.35x
+#     5-way 1-shot, T=8                                1  first      40.6      62.1      1.5x
+#   conv-4, 64 filters, same, T=4                      1  second    ~176      ~165      ~0.95x (tie)
+#
+# Small models are bound by per-op overhead, which vmap divides by T; large convolutions are
+# bound by compute, where the two converge (vmap runs a grouped convolution). vmap never lost
+# by more than the noise, so "auto" is vmap, with no probe: a timing probe at run time would
+# cost two extra inner loops, flip with machine load, and make results (which differ in
+# rounding order between the strategies) change from run to run. Not measured on a GPU; there
+# the loop's T-fold kernel launches should favour vmap further.
+#
+# Correctness overrides speed: the conv-4 rows use affine BatchNorm, whose second-order
+# gradients torch gets wrong under vmap (see _wrong_under_vmap_second_order), so "auto" runs
+# those models in the loop when create_graph=True, and in vmap for first order.
 
 
 class InnerLoopResult(NamedTuple):
@@ -56,16 +80,78 @@ class InnerLoopResult(NamedTuple):
     losses: torch.Tensor
 
 
-def resolve_strategy(strategy: str, module: nn.Module, layout: FlatLayout, device: torch.device) -> str:
-    """Turns ``strategy`` into ``"vmap"`` or ``"loop"`` for this model and device.
+def as_step(rule: Callable[..., tuple[torch.Tensor, Any]], **hyperparameters: Any) -> StepFn:
+    """A step function from a ``fastmeta.functional``-style rule and its hyperparameters.
 
-    ``"auto"`` picks TBD.
+    ``as_step(fastmeta.functional.adam, lr=1e-3)`` is
+    ``lambda p, g, s, k: fastmeta.functional.adam(p, g, s, lr=1e-3)``.
+
+    Args:
+        rule: ``rule(params, grads, state, **hyperparameters) -> (new_params, new_state)``.
+        **hyperparameters: passed to every call, e.g. ``lr`` (a tensor ``lr`` stays
+            differentiable, as Meta-SGD needs).
+    """
+
+    def step(params: torch.Tensor, grads: torch.Tensor, state: Any, k: int) -> Any:
+        return rule(params, grads, state, **hyperparameters)
+
+    return step
+
+
+def _wrong_under_vmap_second_order(module: nn.Module) -> list[str]:
+    """Submodules whose second-order derivatives torch gets wrong under vmap (torch 2.13).
+
+    Differentiating ``vmap(grad(task_loss))`` again with autograd gives meta-gradients with
+    O(1) relative error through affine LayerNorm, and through affine BatchNorm/InstanceNorm
+    that normalise with batch statistics (checked against finite differences and against the
+    same maths without vmap; GroupNorm, RMSNorm, eval-mode BatchNorm and non-affine LayerNorm
+    are right). First derivatives are right. Related upstream: pytorch/functorch#534.
+    Norms written with ``F.layer_norm`` etc. inside custom modules are not detected.
+    """
+    names = []
+    for name, m in module.named_modules():
+        if isinstance(m, nn.LayerNorm):
+            bad = m.elementwise_affine
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            bad = m.affine and (m.training or not m.track_running_stats)
+        else:
+            bad = False
+        if bad:
+            names.append(name or type(m).__name__)
+    return names
+
+
+def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = True) -> str:
+    """Turns ``strategy`` into ``"vmap"`` or ``"loop"`` for this model.
+
+    ``"auto"`` is ``"vmap"`` (faster in every measurement above), except where vmap cannot run
+    or runs wrong; then it is ``"loop"``:
+
+    * a forward that updates buffers in place (allowed with ``mutable_buffers="allow"``);
+    * second order (``create_graph``) through a norm layer whose second derivatives torch
+      computes wrongly under vmap (see :func:`_wrong_under_vmap_second_order`);
+    * a model on which vmap already failed once in :func:`inner_loop`.
+
+    Raises:
+        ValueError: an unknown strategy, or ``"vmap"`` where vmap cannot run or runs wrong.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    mutates = buffer_mutating_modules(module)
+    wrong = _wrong_under_vmap_second_order(module) if create_graph else []
+    if strategy == "vmap" and mutates:
+        raise ValueError(
+            "strategy='vmap' cannot run a forward that updates buffers in place (running "
+            f"statistics of {mutates}); use strategy='loop'"
+        )
+    if strategy == "vmap" and wrong:
+        raise ValueError(
+            f"strategy='vmap' with create_graph=True gives wrong second-order gradients through "
+            f"the norm layers {wrong} (a torch bug); use strategy='loop' or create_graph=False"
+        )
     if strategy != "auto":
         return strategy
-    return "vmap"
+    return "loop" if mutates or wrong or module in _VMAP_FAILED else "vmap"
 
 
 def _as_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
@@ -132,7 +218,11 @@ def _loop_grads(
     rows = p.unbind(0)
     losses = torch.stack(
         [
-            _scalar(loss_fn(layout.call_unchecked(module, rows[t], tuple(x[t] for x in inputs)), targets[t]))
+            _scalar(
+                loss_fn(
+                    layout.call_unchecked(module, rows[t], tuple(x[t] for x in inputs)), targets[t]
+                )
+            )
             for t in range(len(rows))
         ]
     )
@@ -181,7 +271,8 @@ def inner_loop(
         >>> import torch
         >>> from fastmeta.flat import flatten
         >>> from fastmeta.inner_loop import inner_loop
-        >>> net = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 1))
+        >>> nn = torch.nn
+        >>> net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 1))
         >>> layout, theta = flatten(net)
         >>> theta.requires_grad_()  # doctest: +ELLIPSIS
         tensor(...)
@@ -196,7 +287,12 @@ def inner_loop(
         layout = FlatLayout.of(module)
     else:
         layout.check_module(module)
-    layout.check(params, name="params", tasks=params.shape[0] if isinstance(params, torch.Tensor) and params.dim() == 2 else -1)
+    layout.check(params, name="params")
+    if params.dim() != 2:
+        raise ValueError(
+            f"params must have shape [T, N] with N={layout.numel} (one row per task; use "
+            f"layout.expand(theta, T)), got {list(params.shape)}"
+        )
     tasks = params.shape[0]
     xs = _as_tuple(inputs)
     _check_data(xs, targets, tasks, params.device)
@@ -207,29 +303,52 @@ def inner_loop(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     layout.check_buffers(module)
-    chosen = resolve_strategy(strategy, module, layout, params.device)
-    if chosen == "vmap" and layout.mutable_buffers == "allow" and layout.buffer_names:
-        # vmap cannot write a per-task value into one shared buffer.
-        from fastmeta.flat import _mutating_modules
-
-        if _mutating_modules(module):
-            raise ValueError(
-                "strategy='vmap' cannot run a forward that updates buffers in place; "
-                "use strategy='loop'"
-            )
-    grads_fn = _vmap_grads if chosen == "vmap" else _loop_grads
+    chosen = resolve_strategy(strategy, module, create_graph=create_graph)
 
     losses = []
     for k in range(steps):
-        grads, loss = grads_fn(module, layout, params, xs, targets, loss_fn, create_graph)
+        if chosen == "vmap":
+            try:
+                grads, loss = _vmap_grads(
+                    module, layout, params, xs, targets, loss_fn, create_graph
+                )
+            except RuntimeError as vmap_error:
+                if strategy != "auto" or k > 0:
+                    raise
+                # The loop raises the same error if it was not vmap's: the user's error wins.
+                grads, loss = _loop_grads(
+                    module, layout, params, xs, targets, loss_fn, create_graph
+                )
+                chosen = "loop"
+                _VMAP_FAILED[module] = str(vmap_error)
+                warnings.warn(
+                    f"inner_loop: vmap cannot run {type(module).__name__} ({vmap_error}); "
+                    "strategy='auto' uses 'loop' for this model from now on",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        else:
+            grads, loss = _loop_grads(module, layout, params, xs, targets, loss_fn, create_graph)
         losses.append(loss)
-        new_params, state = step(params, grads, state, k)
-        if not isinstance(new_params, torch.Tensor) or new_params.shape != params.shape:
-            got = list(new_params.shape) if isinstance(new_params, torch.Tensor) else type(new_params).__name__
+        out = step(params, grads, state, k)
+        new_params = out[0] if isinstance(out, (tuple, list)) and len(out) == 2 else out
+        if (
+            not isinstance(out, (tuple, list))
+            or len(out) != 2
+            or not isinstance(new_params, torch.Tensor)
+            or new_params.shape != params.shape
+        ):
+            got = (
+                f"new_params of shape {list(new_params.shape)}"
+                if isinstance(new_params, torch.Tensor) and isinstance(out, (tuple, list))
+                else f"a {type(out).__name__}"
+                + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
+            )
             raise ValueError(
                 f"step must return (new_params, new_state) with new_params of shape "
-                f"{list(params.shape)}, got {got} at step {k}"
+                f"{list(params.shape)}; got {got} at step {k}"
             )
+        state = out[1]
         params = new_params
     loss_tk = torch.stack(losses) if losses else params.new_zeros(0, tasks)
     return InnerLoopResult(params, state, loss_tk)
