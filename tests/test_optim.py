@@ -321,3 +321,36 @@ def test_one_native_call_per_group_per_step(info):
     with backends.trace() as calls:
         _run(opt, params, _grad_sequence(params, 2))
     assert [impl for _, impl in calls] == [Impl.NATIVE] * 4
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_param_moved_by_data_assignment_is_followed(info):
+    """The optimizers reuse validated tensor lists between steps; replacing a param's storage
+    (``p.data = ...``) must be noticed, never written through the old address."""
+    config = info.configs[1]
+    params = _params()
+    theirs_params = [p.detach().clone().requires_grad_() for p in params]
+    grads = _grad_sequence(params, 6)
+    ours, theirs = info.ours(params, **config), info.theirs(theirs_params, **config)
+    _run(ours, params, grads[:3])
+    _run(theirs, theirs_params, grads[:3])
+    for ps in (params, theirs_params):
+        ps[0].data = ps[0].data.clone() + 1.0
+    _run(ours, params, grads[3:])
+    _run(theirs, theirs_params, grads[3:])
+    for p, q in zip(params, theirs_params):
+        assert_close(p.detach(), q.detach())
+
+
+@pytest.mark.native
+def test_prepared_step_refuses_to_run_after_a_param_moved():
+    from fastmeta.ops.prepared import PreparedStep
+    from fastmeta.ops.sgd import sgd_step_
+
+    p = torch.ones(4)
+    step = PreparedStep("sgd_step_", sgd_step_, "sgd_step", [p], [("momentum_buffers", None)],
+                        None, impl="native")
+    p.data = torch.zeros(8)
+    with pytest.raises(RuntimeError, match="moved since this step was prepared"):
+        step([torch.ones(8)], lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0,
+             nesterov=False, maximize=False, first_step=False)

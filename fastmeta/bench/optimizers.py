@@ -37,7 +37,7 @@ TORCH_VARIANTS = {
 }
 
 
-def _make_params(shapes, seed: int = 0) -> list[torch.Tensor]:
+def make_params(shapes, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     params = []
     for s in shapes:
@@ -63,16 +63,16 @@ def bench_optimizer(
     for workload in workloads:
         shapes = WORKLOADS[workload]
         progress(f"{name} on {workload}: fastmeta")
-        ours_opt = ours_cls(_make_params(shapes), **config)
+        ours_opt = ours_cls(make_params(shapes), **config)
         ours = harness.time_fn(ours_opt.step, min_run_time=min_run_time)
         baselines: dict[str, harness.Timing | None] = {}
         for variant, flags in TORCH_VARIANTS.items():
             progress(f"{name} on {workload}: torch {variant}")
-            opt = torch_cls(_make_params(shapes), **config, **flags)
+            opt = torch_cls(make_params(shapes), **config, **flags)
             baselines[variant] = harness.time_fn(opt.step, min_run_time=min_run_time)
         if compile_baseline:
             progress(f"{name} on {workload}: torch.compile (compiling)")
-            opt = torch_cls(_make_params(shapes), **config, foreach=False)
+            opt = torch_cls(make_params(shapes), **config, foreach=False)
             compiled = torch.compile(opt.step)
             baselines["compile"] = harness.time_fn(compiled, min_run_time=min_run_time)
         progress(f"{name} on {workload}: stream floor ({reads}R/{writes}W)")

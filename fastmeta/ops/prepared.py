@@ -82,34 +82,58 @@ class PreparedStep:
             return True
         return tl.pointers(self._watched) == self._watched_pointers
 
-    def __call__(self, grads: Sequence[torch.Tensor], **hyper) -> None:
-        """Runs the op on ``grads`` (one per param, as ``p.grad`` gives them)."""
+    def __call__(
+        self,
+        grads: Sequence[torch.Tensor],
+        *,
+        validated: bool = False,
+        grads_from_params: bool = False,
+        **hyper,
+    ) -> None:
+        """Runs the op on ``grads`` (one per param).
+
+        Args:
+            grads: the gradients, one per param.
+            validated: the caller has just checked :meth:`still_valid` (the optimizers do,
+                for all of a group's plans before running any); otherwise it is checked here.
+            grads_from_params: the grads are the params' dense ``.grad`` (the optimizers refuse
+                sparse ones first, with torch's message); torch itself guarantees their shape,
+                dtype and device match the param's, so only strides are checked then.
+            hyper: the op's hyperparameters (tensors are read as numbers).
+        """
         if self._native is None:
             args = [self.params, grads, *self.states]
             if self.state_steps is not None:
                 args.append(self.state_steps)
             self.step_fn(*args, impl=self.impl, **hyper)
             return
+        if not validated and not self.still_valid():
+            raise RuntimeError(f"{self.op}: a param or state tensor moved since this step was "
+                               "prepared (e.g. `p.data = ...`); prepare it again")
         backends.note(self.op, self.impl)
-        grad_pointers = self._grad_pointers(grads)
+        grad_pointers = self._grad_pointers(grads, grads_from_params)
         for name, value in hyper.items():
             if isinstance(value, torch.Tensor):
                 hyper[name] = tl.check_scalar(self.op, name, value)
         self._native(
-            tl.pointers(self.params), grad_pointers, *self._state_pointers, *self._step_args,
-            self._numels, self._dtypes, **hyper,
+            self._watched_pointers[: len(self.params)], grad_pointers, *self._state_pointers,
+            *self._step_args, self._numels, self._dtypes, **hyper,
         )
 
-    def _grad_pointers(self, grads: Sequence[torch.Tensor]) -> list[int]:
+    def _grad_pointers(self, grads: Sequence[torch.Tensor], from_params: bool) -> list[int]:
         if len(grads) != len(self.params):
             raise ValueError(f"{self.op}: grads has {len(grads)} tensors but params has "
                              f"{len(self.params)}")
+        if not from_params:
+            for i, g in enumerate(grads):
+                if g.shape != self._shapes[i] or g.dtype != self._dtype_objs[i] or not g.is_cpu:
+                    tl.check_like_params(self.op, "grads", grads, self.params)
+            for g in grads:
+                if g.is_sparse:
+                    tl.check_like_params(self.op, "grads", grads, self.params)
         pointers = []
         self._keepalive = []
-        for i, g in enumerate(grads):
-            if (g.shape != self._shapes[i] or g.dtype != self._dtype_objs[i] or g.is_sparse
-                    or not g.is_cpu):
-                tl.check_like_params(self.op, "grads", grads, self.params)
+        for g in grads:
             if not g.is_contiguous():
                 g = g.contiguous()
                 self._keepalive.append(g)

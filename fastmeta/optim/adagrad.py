@@ -13,6 +13,7 @@ from fastmeta.optim.optimizer import (
     FusedOptimizer,
     as_real,
     check_fused_flags,
+    real_grads,
     new_step_counter,
     params_with_grad,
     pick,
@@ -67,7 +68,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         """Performs a single optimization step (one fused call per param group and device)."""
         loss = run_closure(closure)
         for index, group in enumerate(self.param_groups):
-            params = params_with_grad("Adagrad", group)
+            params, grads = params_with_grad("Adagrad", group)
             if not params:
                 continue
 
@@ -92,7 +93,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
 
             plans = self._plans(index, params, (), prepare)
             run_plans(
-                plans, self._grads(params), lr=group["lr"], lr_decay=group["lr_decay"],
+                plans, real_grads(self, index, grads), lr=group["lr"], lr_decay=group["lr_decay"],
                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
             )
         return loss

@@ -13,6 +13,7 @@ from fastmeta.optim.optimizer import (
     FusedOptimizer,
     as_real,
     check_fused_flags,
+    real_grads,
     new_step_counter,
     params_with_grad,
     pick,
@@ -25,7 +26,7 @@ def _adam_step(optimizer, closure, *, name: str, decoupled: bool):
     loss = run_closure(closure)
     message = f"{name} does not support sparse gradients, please consider SparseAdam instead"
     for index, group in enumerate(optimizer.param_groups):
-        params = params_with_grad(name, group, sparse_message=message)
+        params, grads = params_with_grad(name, group, sparse_message=message)
         if not params:
             continue
         amsgrad = group["amsgrad"]
@@ -56,7 +57,7 @@ def _adam_step(optimizer, closure, *, name: str, decoupled: bool):
         plans = optimizer._plans(index, params, (amsgrad,), prepare)
         beta1, beta2 = group["betas"]
         run_plans(
-            plans, optimizer._grads(params), lr=group["lr"], beta1=beta1, beta2=beta2,
+            plans, real_grads(optimizer, index, grads), lr=group["lr"], beta1=beta1, beta2=beta2,
             eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=amsgrad,
             maximize=group["maximize"],
             decoupled_weight_decay=group.get("decoupled_weight_decay", decoupled),

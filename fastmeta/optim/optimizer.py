@@ -63,13 +63,19 @@ def as_real(t: torch.Tensor) -> torch.Tensor:
 
 
 def params_with_grad(name: str, group: dict, *, sparse_message: str | None = None
-                     ) -> list[torch.Tensor]:
-    """The params of a group that have a gradient; sparse gradients are refused."""
-    params = [p for p in group["params"] if p.grad is not None]
-    for p in params:
-        if p.grad.is_sparse:
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The params of a group that have a gradient, and those gradients; sparse ones are
+    refused with torch's message."""
+    params, grads = [], []
+    for p in group["params"]:
+        g = p.grad
+        if g is not None:
+            params.append(p)
+            grads.append(g)
+    for g in grads:
+        if g.is_sparse:
             raise RuntimeError(sparse_message or f"{name} does not support sparse gradients")
-    return params
+    return params, grads
 
 
 def device_groups(params: Sequence[torch.Tensor]) -> list[list[int] | None]:
@@ -91,7 +97,29 @@ Plans = list[tuple["list[int] | None", PreparedStep]]
 
 
 class FusedOptimizer:
-    """Mixin for the drop-in optimizers: caches each group's prepared plans."""
+    """Mixin for the drop-in optimizers: caches each group's prepared plans.
+
+    A cached plan holds the group's state tensors. Replacing an entry of ``optimizer.state``
+    by hand (rather than through ``load_state_dict``) must be followed by
+    ``optimizer._drop_plans()``; moving a param (``p.data = ...``) is detected.
+    """
+
+    def _cached_plans(self, group_index: int, params: list[torch.Tensor], layout: tuple):
+        """The plans cached for these params with grads and this state layout, if still valid
+        (every plan is checked before any runs)."""
+        entry = self.__dict__.get("_fastmeta_plans", {}).get(group_index)
+        if entry is None:
+            return None
+        key_params, key_layout, plans, _ = entry
+        if key_layout != layout or len(key_params) != len(params):
+            return None
+        for a, b in zip(key_params, params):
+            if a is not b:
+                return None
+        for _, plan in plans:
+            if not plan.still_valid():
+                return None
+        return plans
 
     def _plans(
         self,
@@ -104,26 +132,17 @@ class FusedOptimizer:
     ) -> Plans:
         """The plans of one group for these params with grads, built by ``prepare(indices)``
         on a miss. ``layout`` holds the group flags that decide which state lists exist."""
-        plans_by_group = self.__dict__.setdefault("_fastmeta_plans", {})
-        entry = plans_by_group.get(group_index)
-        if entry is not None:
-            key_params, key_layout, plans = entry
-            if (key_layout == layout and len(key_params) == len(params)
-                    and all(a is b for a, b in zip(key_params, params))
-                    and all(plan.still_valid() for _, plan in plans)):
-                return plans
+        plans = self._cached_plans(group_index, params, layout) if cache else None
+        if plans is not None:
+            return plans
         plans = [(idx, prepare(idx)) for idx in device_groups(params)]
+        plans_by_group = self.__dict__.setdefault("_fastmeta_plans", {})
         if cache:
-            plans_by_group[group_index] = (params, layout, plans)
+            has_complex = any(p.is_complex() for p in params)
+            plans_by_group[group_index] = (params, layout, plans, has_complex)
         else:
             plans_by_group.pop(group_index, None)
         return plans
-
-    def _grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        grads = [p.grad for p in params]
-        if any(g.is_complex() for g in grads):
-            grads = [as_real(g) for g in grads]
-        return grads
 
     def _drop_plans(self) -> None:
         self.__dict__.pop("_fastmeta_plans", None)
@@ -141,6 +160,18 @@ class FusedOptimizer:
         super().__setstate__(state)
 
 
+def real_grads(optimizer: FusedOptimizer, group_index: int, grads: list[torch.Tensor]
+               ) -> list[torch.Tensor]:
+    """Complex gradients as real views, as their params were prepared; a cached group without
+    complex params skips the per-tensor check."""
+    entry = optimizer.__dict__.get("_fastmeta_plans", {}).get(group_index)
+    if entry is not None and not entry[3]:
+        return grads
+    return [torch.view_as_real(g) if g.is_complex() else g for g in grads]
+
+
 def run_plans(plans: Plans, grads: list[torch.Tensor], **hyper) -> None:
+    """Runs a group's plans (just validated by :meth:`FusedOptimizer._plans`) on the params'
+    ``.grad`` tensors."""
     for indices, plan in plans:
-        plan(pick(grads, indices), **hyper)
+        plan(pick(grads, indices), validated=True, grads_from_params=True, **hyper)

@@ -13,6 +13,7 @@ from fastmeta.optim.optimizer import (
     FusedOptimizer,
     as_real,
     check_fused_flags,
+    real_grads,
     new_step_counter,
     params_with_grad,
     pick,
@@ -69,7 +70,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
         """Performs a single optimization step (one fused call per param group and device)."""
         loss = run_closure(closure)
         for index, group in enumerate(self.param_groups):
-            params = params_with_grad("RMSprop", group)
+            params, grads = params_with_grad("RMSprop", group)
             if not params:
                 continue
             momentum, centered = group["momentum"], group["centered"]
@@ -99,7 +100,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
 
             plans = self._plans(index, params, (momentum > 0, centered), prepare)
             run_plans(
-                plans, self._grads(params), lr=group["lr"], alpha=group["alpha"],
+                plans, real_grads(self, index, grads), lr=group["lr"], alpha=group["alpha"],
                 eps=group["eps"], weight_decay=group["weight_decay"], momentum=momentum,
                 centered=centered, maximize=group["maximize"],
             )

@@ -13,6 +13,7 @@ from fastmeta.optim.optimizer import (
     FusedOptimizer,
     as_real,
     check_fused_flags,
+    real_grads,
     params_with_grad,
     pick,
     run_closure,
@@ -66,7 +67,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
         two when some params get their momentum buffer on this step)."""
         loss = run_closure(closure)
         for index, group in enumerate(self.param_groups):
-            params = params_with_grad("SGD", group)
+            params, grads = params_with_grad("SGD", group)
             if not params:
                 continue
             momentum = group["momentum"]
@@ -75,22 +76,25 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                 dampening=group["dampening"], nesterov=group["nesterov"],
                 maximize=group["maximize"],
             )
-            grads = self._grads(params)
-            fresh = [i for i, p in enumerate(params)
-                     if momentum != 0 and self.state[p].get("momentum_buffer") is None]
-            if fresh:
-                # Buffers that start now take torch's first-step rule (buffer = d): those
-                # params get a call of their own, and the plans are rebuilt next step.
-                fresh_set = set(fresh)
-                running = [i for i in range(len(params)) if i not in fresh_set]
-                for subset, first in ((fresh, True), (running, False)):
-                    if subset:
-                        plans = self._plans(index, pick(params, subset), (momentum != 0,),
-                                            self._preparer(pick(params, subset), momentum),
-                                            cache=False)
-                        run_plans(plans, pick(grads, subset), first_step=first, **hyper)
-                continue
-            plans = self._plans(index, params, (momentum != 0,), self._preparer(params, momentum))
+            layout = (momentum != 0,)
+            plans = self._cached_plans(index, params, layout)
+            grads = real_grads(self, index, grads)
+            if plans is None:
+                fresh = [i for i, p in enumerate(params)
+                         if momentum != 0 and self.state[p].get("momentum_buffer") is None]
+                if fresh:
+                    # Buffers that start now take torch's first-step rule (buffer = d): those
+                    # params get a call of their own, and the plans are rebuilt next step.
+                    fresh_set = set(fresh)
+                    running = [i for i in range(len(params)) if i not in fresh_set]
+                    for subset, first in ((fresh, True), (running, False)):
+                        if subset:
+                            sub = pick(params, subset)
+                            plans = self._plans(index, sub, layout,
+                                                self._preparer(sub, momentum), cache=False)
+                            run_plans(plans, pick(grads, subset), first_step=first, **hyper)
+                    continue
+                plans = self._plans(index, params, layout, self._preparer(params, momentum))
             run_plans(plans, grads, first_step=False, **hyper)
         return loss
 
