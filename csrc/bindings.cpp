@@ -37,10 +37,19 @@ struct KernelTable {
   decltype(&generic::adagrad_chunk) adagrad;
   decltype(&generic::rmsprop_chunk) rmsprop;
   decltype(&generic::stream_chunk) stream;
+  decltype(&generic::sgd_forward_chunk) sgd_forward, adam_forward, adagrad_forward,
+      rmsprop_forward;
+  decltype(&generic::sgd_backward_chunk) sgd_backward, adam_backward, adagrad_backward,
+      rmsprop_backward;
 };
 
-#define FASTMETA_TABLE(ISA) \
-  KernelTable { #ISA, &ISA::sgd_chunk, &ISA::adam_chunk, &ISA::adagrad_chunk, &ISA::rmsprop_chunk, &ISA::stream_chunk }
+#define FASTMETA_TABLE(ISA)                                                                     \
+  KernelTable {                                                                                 \
+    #ISA, &ISA::sgd_chunk, &ISA::adam_chunk, &ISA::adagrad_chunk, &ISA::rmsprop_chunk,          \
+        &ISA::stream_chunk, &ISA::sgd_forward_chunk, &ISA::adam_forward_chunk,                  \
+        &ISA::adagrad_forward_chunk, &ISA::rmsprop_forward_chunk, &ISA::sgd_backward_chunk,     \
+        &ISA::adam_backward_chunk, &ISA::adagrad_backward_chunk, &ISA::rmsprop_backward_chunk  \
+  }
 
 bool cpu_supports(const std::string& isa) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -233,6 +242,122 @@ void rmsprop_step(const Ptrs& params, const Ptrs& grads, const Ptrs& square_avgs
   });
 }
 
+// ---- Out-of-place, task-batched, differentiable steps -----------------------------------------
+// Python (fastmeta/ops/tensor_lists.py: step_forward/_kernel_vjp) has checked every tensor:
+// [T, N] contiguous, one dtype, one CPU device; hyper is a float64 [H, T] table.
+
+// Fewest columns per chunk, so a chunk's rows stay long enough to vectorize when T is large.
+constexpr int64_t kMinChunkColumns = 256;
+
+// Columns per chunk: about kChunkElements elements over all the task rows.
+int64_t chunk_columns(int64_t tasks) {
+  return std::max(kMinChunkColumns, kChunkElements / std::max<int64_t>(tasks, 1));
+}
+
+using ForwardKernel = decltype(&generic::sgd_forward_chunk);
+using BackwardKernel = decltype(&generic::sgd_backward_chunk);
+
+void* as_ptr(int64_t address) { return reinterpret_cast<void*>(static_cast<intptr_t>(address)); }
+
+BatchedStep make_step(int64_t param, int64_t grad, const Ptrs& states, int64_t tasks,
+                      int64_t numel, int dtype, int64_t hyper, int64_t lr,
+                      int64_t lr_task_stride, double step, int flags) {
+  if (states.size() > static_cast<size_t>(kMaxStates))
+    throw std::invalid_argument("states: at most " + std::to_string(kMaxStates) + " pointers");
+  if (grad == 0 || hyper == 0) throw std::invalid_argument("grad and hyper must not be null");
+  if (tasks < 0 || numel < 0) throw std::invalid_argument("tasks and numel must be >= 0");
+  if (dtype != kFloat32 && dtype != kFloat64)
+    throw std::invalid_argument("dtype: the differentiable steps run on float32 or float64");
+  BatchedStep s{};
+  s.tasks = tasks;
+  s.numel = numel;
+  s.param = as_ptr(param);
+  s.grad = as_ptr(grad);
+  for (size_t i = 0; i < states.size(); ++i) s.state[i] = as_ptr(states[i]);
+  s.hyper = static_cast<const double*>(as_ptr(hyper));
+  s.lr = as_ptr(lr);
+  s.lr_task_stride = lr_task_stride;
+  s.step = step;
+  s.flags = flags;
+  return s;
+}
+
+// Runs body(chunk_index, begin, columns) over column chunks of a [T, N] layout, in parallel.
+template <typename Body>
+int64_t for_each_column_chunk(int64_t tasks, int64_t numel, Body body) {
+  const int64_t columns = chunk_columns(tasks);
+  const int64_t count = (numel + columns - 1) / columns;
+  auto run = [&](int64_t c) { body(c, c * columns, std::min(columns, numel - c * columns)); };
+  if (tasks * numel < kMinParallelElements || max_threads() == 1) {
+    for (int64_t c = 0; c < count; ++c) run(c);
+    return count;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < count; ++c) run(c);
+  return count;
+}
+
+void batched_forward(ForwardKernel kernel, int64_t param, int64_t grad, const Ptrs& states,
+                     int64_t param_out, const Ptrs& states_out, int64_t tasks, int64_t numel,
+                     int dtype, int64_t hyper, int64_t lr, int64_t lr_task_stride, double step,
+                     int flags) {
+  BatchedStep s = make_step(param, grad, states, tasks, numel, dtype, hyper, lr, lr_task_stride,
+                            step, flags);
+  check_list(states_out, states.size(), "states_out", false);
+  if (param_out == 0) throw std::invalid_argument("param_out must not be null");
+  const std::vector<double> zeros(static_cast<size_t>(chunk_columns(tasks)), 0.0);
+  s.zeros = zeros.data();
+  s.param_out = as_ptr(param_out);
+  for (size_t i = 0; i < states_out.size(); ++i) s.state_out[i] = as_ptr(states_out[i]);
+  py::gil_scoped_release no_gil;
+  for_each_column_chunk(tasks, numel, [&](int64_t, int64_t begin, int64_t n) {
+    kernel(s, static_cast<DType>(dtype), begin, n);
+  });
+}
+
+// Hyperparameter gradients: each chunk sums into its own [kMaxHypers][T] slice, and the slices
+// are added in chunk order afterwards, so the result does not depend on the thread count.
+void batched_backward(BackwardKernel kernel, int num_hypers, int64_t param, int64_t grad,
+                      const Ptrs& states, int64_t grad_param_out, const Ptrs& grad_states_out,
+                      int64_t grad_param, int64_t grad_grad, const Ptrs& grad_states,
+                      int64_t grad_lr, int64_t hyper_grad, int64_t tasks, int64_t numel,
+                      int dtype, int64_t hyper, int64_t lr, int64_t lr_task_stride, double step,
+                      int flags) {
+  BatchedStep s = make_step(param, grad, states, tasks, numel, dtype, hyper, lr, lr_task_stride,
+                            step, flags);
+  const std::vector<double> zeros(static_cast<size_t>(chunk_columns(tasks)), 0.0);
+  s.zeros = zeros.data();
+  check_list(grad_states_out, states.size(), "grad_states_out", false);
+  check_list(grad_states, states.size(), "grad_states", false);
+  if (grad_param == 0 || grad_grad == 0 || hyper_grad == 0)
+    throw std::invalid_argument("grad_param, grad_grad and hyper_grad must not be null");
+  if ((lr == 0) != (grad_lr == 0)) throw std::invalid_argument("lr and grad_lr go together");
+  BatchedGrad base{};
+  base.grad_param_out = as_ptr(grad_param_out);
+  for (size_t i = 0; i < grad_states_out.size(); ++i) {
+    base.grad_state_out[i] = as_ptr(grad_states_out[i]);
+    base.grad_state[i] = as_ptr(grad_states[i]);
+  }
+  base.grad_param = as_ptr(grad_param);
+  base.grad_grad = as_ptr(grad_grad);
+  base.grad_lr = as_ptr(grad_lr);
+  double* out = static_cast<double*>(as_ptr(hyper_grad));
+  const int64_t slice = static_cast<int64_t>(kMaxHypers) * tasks;
+  const int64_t columns = chunk_columns(tasks);
+  std::vector<double> partial(static_cast<size_t>(((numel + columns - 1) / columns) * slice), 0.0);
+  py::gil_scoped_release no_gil;
+  const int64_t count = for_each_column_chunk(tasks, numel, [&](int64_t c, int64_t begin, int64_t n) {
+    BatchedGrad g = base;
+    g.hyper_grad = partial.data() + c * slice;
+    kernel(s, g, static_cast<DType>(dtype), begin, n);
+  });
+  for (int64_t i = 0; i < num_hypers * tasks; ++i) {
+    double total = 0.0;
+    for (int64_t c = 0; c < count; ++c) total += partial[c * slice + i];
+    out[i] = total;
+  }
+}
+
 // The roofline probe: reads num_reads float32 arrays of n elements and writes the first
 // num_writes of them back in place, with the same chunking and threads as the optimizers.
 void stream(const Ptrs& arrays, int num_writes, int64_t n) {
@@ -287,6 +412,31 @@ PYBIND11_MODULE(_C, m) {
         py::kw_only(), py::arg("lr"), py::arg("alpha"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("momentum"), py::arg("centered"),
         py::arg("maximize"));
+#define FASTMETA_BIND_BATCHED(OP, HYPERS)                                                       \
+  m.def(#OP "_forward",                                                                         \
+        [](int64_t param, int64_t grad, const Ptrs& states, int64_t param_out,                  \
+           const Ptrs& states_out, int64_t tasks, int64_t numel, int dtype, int64_t hyper,      \
+           int64_t lr, int64_t lr_task_stride, double step, int flags) {                        \
+          batched_forward(kernels().OP##_forward, param, grad, states, param_out, states_out,   \
+                          tasks, numel, dtype, hyper, lr, lr_task_stride, step, flags);         \
+        },                                                                                      \
+        "Out-of-place " #OP " step on [T, N] buffers (fastmeta/ops/" #OP ".py).");              \
+  m.def(#OP "_backward",                                                                        \
+        [](int64_t param, int64_t grad, const Ptrs& states, int64_t grad_param_out,             \
+           const Ptrs& grad_states_out, int64_t grad_param, int64_t grad_grad,                  \
+           const Ptrs& grad_states, int64_t grad_lr, int64_t hyper_grad, int64_t tasks,         \
+           int64_t numel, int dtype, int64_t hyper, int64_t lr, int64_t lr_task_stride,         \
+           double step, int flags) {                                                            \
+          batched_backward(kernels().OP##_backward, HYPERS, param, grad, states,                \
+                           grad_param_out, grad_states_out, grad_param, grad_grad, grad_states, \
+                           grad_lr, hyper_grad, tasks, numel, dtype, hyper, lr, lr_task_stride, \
+                           step, flags);                                                        \
+        },                                                                                      \
+        "VJP of " #OP "_forward; writes per-task hyperparameter gradients to hyper_grad.");
+  FASTMETA_BIND_BATCHED(sgd, kSgdHypers)
+  FASTMETA_BIND_BATCHED(adam, kAdamHypers)
+  FASTMETA_BIND_BATCHED(adagrad, kAdagradHypers)
+  FASTMETA_BIND_BATCHED(rmsprop, kRmspropHypers)
   m.def("stream", &stream, py::arg("arrays"), py::arg("num_writes"), py::arg("n"),
         "Memory-roofline probe: reads every float32 array (n elements each) and writes the "
         "first num_writes of them back in place.");

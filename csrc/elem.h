@@ -73,6 +73,52 @@ static inline const T* offset(const void* base, int64_t begin) {
   return base ? static_cast<const T*>(base) + begin : nullptr;
 }
 
+// ---- Helpers of the task-batched kernels (BatchedStep) -----------------------------------------
+// Their inner loops must vectorize: every option is a template parameter, an absent input
+// reads a buffer of zeros instead of being tested per element, and hyperparameter gradients
+// are reduced through short stack arrays with independent accumulators.
+
+// x^y for the bias corrections, without the STL (see kernels.h).
+static inline double fm_pow(double x, double y) { return __builtin_pow(x, y); }
+
+// Row segment of an optional input at element offset o, or the zero buffer when it is absent.
+template <typename T>
+static inline const T* row_or_zeros(const void* base, int64_t o, const BatchedStep& s) {
+  return base ? static_cast<const T*>(base) + o : static_cast<const T*>(s.zeros);
+}
+
+// Columns per reduction block: the per-element hyperparameter-gradient terms of one block sit
+// in stack arrays (6 of them x 256 x 8 B = 12 KiB at most, inside L1).
+constexpr int64_t kReduceBlock = 256;
+// Independent accumulators of lane_sum: one AVX-512 vector of doubles.
+constexpr int kSumLanes = 8;
+
+// Sum of x[0, n) in double, in a fixed order (deterministic) with kSumLanes accumulators, so
+// that the compiler can vectorize it without reassociating floating-point adds.
+template <typename C>
+static inline double lane_sum(const C* x, int64_t n) {
+  double acc[kSumLanes] = {};
+  int64_t i = 0;
+  for (; i + kSumLanes <= n; i += kSumLanes)
+    for (int l = 0; l < kSumLanes; ++l) acc[l] += static_cast<double>(x[i + l]);
+  double total = 0.0;
+  for (; i < n; ++i) total += static_cast<double>(x[i]);
+  for (int l = 0; l < kSumLanes; ++l) total += acc[l];
+  return total;
+}
+
+// Runs BODY with NAME bound to the compile-time value of the run-time condition.
+#define FASTMETA_BOOL(cond, NAME, ...) \
+  do {                                \
+    if (cond) {                       \
+      constexpr bool NAME = true;     \
+      __VA_ARGS__;                    \
+    } else {                          \
+      constexpr bool NAME = false;    \
+      __VA_ARGS__;                    \
+    }                                 \
+  } while (0)
+
 // Calls BODY with T bound to the storage type of `dtype`.
 #define FASTMETA_DISPATCH_DTYPE(dtype, ...)         \
   switch (dtype) {                                  \
@@ -96,6 +142,25 @@ static inline const T* offset(const void* base, int64_t begin) {
       __VA_ARGS__;                                  \
       break;                                        \
     }                                               \
+  }
+
+// Like FASTMETA_DISPATCH_DTYPE for the task-batched kernels, which support float32 and float64
+// only (fastmeta/ops/tensor_lists.py: check_batched_param refuses the others): half the
+// instantiations, half the build time.
+#define FASTMETA_DISPATCH_FLOAT(dtype, ...) \
+  switch (dtype) {                          \
+    case ::fastmeta::kFloat32: {            \
+      using T = float;                      \
+      __VA_ARGS__;                          \
+      break;                                \
+    }                                       \
+    case ::fastmeta::kFloat64: {            \
+      using T = double;                     \
+      __VA_ARGS__;                          \
+      break;                                \
+    }                                       \
+    default:                                \
+      break;                                \
   }
 
 }  // namespace fastmeta

@@ -61,6 +61,60 @@ struct RmspropTensor {
   void* grad_avg;         // nullptr unless centered
 };
 
+// ---- Out-of-place, task-batched, differentiable steps (fastmeta/ops/tensor_lists.py) --------
+// Tensors are [T, N] row-major (T = 1 for [N]). A chunk covers columns [begin, begin + n) of
+// every task row, so a per-element lr shared by the tasks ([N]) gets its gradient summed over
+// the tasks inside one chunk, without races.
+
+// Option bits; must match fastmeta/ops/tensor_lists.py: FLAG_*.
+enum StepFlag : int32_t {
+  kFlagMaximize = 1,
+  kFlagNesterov = 2,
+  kFlagFirstStep = 4,
+  kFlagDecoupled = 8,
+  kFlagCentered = 16,
+  kFlagMomentum = 32,
+  kFlagEpsRoot = 64,
+  kFlagWeightDecay = 128,
+};
+constexpr int kMaxStates = 3;
+constexpr int kMaxHypers = 6;
+
+struct BatchedStep {
+  int64_t tasks, numel;
+  const void* param;                // nullptr: not needed (then read as 0)
+  const void* grad;
+  const void* state[kMaxStates];    // inputs, nullptr when absent
+  void* param_out;                  // nullptr: only the states are wanted
+  void* state_out[kMaxStates];      // nullptr when not an output
+  const double* hyper;              // [H][tasks]: per-task hyperparameter values
+  const void* lr;                   // per-element lr (param dtype) or nullptr
+  int64_t lr_task_stride;           // 0 for an [N] lr shared by the tasks, numel for [T, N]
+  double step;                      // for bias corrections: 1 on the first step
+  int32_t flags;                    // StepFlag bits
+  const void* zeros;                // zero buffer of >= a chunk's columns x 8 bytes: absent inputs
+};
+struct BatchedGrad {
+  const void* grad_param_out;           // incoming ∂L/∂θ', nullptr = 0
+  const void* grad_state_out[kMaxStates];  // incoming ∂L/∂state', nullptr = 0
+  void* grad_param;                     // outgoing, all [T, N]; written for every element
+  void* grad_grad;
+  void* grad_state[kMaxStates];         // nullptr when the input state is absent
+  void* grad_lr;                        // per-element ∂L/∂lr (shape of lr, zeroed: added to)
+  double* hyper_grad;                   // [H][tasks] partial sums of this chunk (zeroed)
+};
+
+// Hyperparameter rows of each rule in BatchedStep::hyper; must match the rules' hyper_names.
+enum SgdHyper { kSgdLr, kSgdWeightDecay, kSgdMomentum, kSgdDampening, kSgdHypers };
+enum AdamHyper { kAdamLr, kAdamBeta1, kAdamBeta2, kAdamEps, kAdamWeightDecay, kAdamEpsRoot, kAdamHypers };
+enum AdagradHyper { kAdagradLr, kAdagradLrDecay, kAdagradWeightDecay, kAdagradEps, kAdagradHypers };
+enum RmspropHyper { kRmspropLr, kRmspropAlpha, kRmspropEps, kRmspropWeightDecay, kRmspropMomentum, kRmspropHypers };
+
+#define FASTMETA_DECLARE_BATCHED(ISA, OP)                                                        \
+  void OP##_forward_chunk(const BatchedStep& s, DType dtype, int64_t begin, int64_t n);        \
+  void OP##_backward_chunk(const BatchedStep& s, const BatchedGrad& g, DType dtype, int64_t begin, \
+                           int64_t n);
+
 #define FASTMETA_DECLARE_KERNELS(ISA)                                                          \
   namespace ISA {                                                                              \
   void sgd_chunk(const SgdTensor& t, DType dtype, int64_t begin, int64_t n, const SgdArgs& a); \
@@ -72,6 +126,10 @@ struct RmspropTensor {
                      const RmspropArgs& a);                                                    \
   bool stream_chunk(float* const* arrays, int num_reads, int num_writes, int64_t begin,        \
                     int64_t n);                                                                \
+  FASTMETA_DECLARE_BATCHED(ISA, sgd)                                                           \
+  FASTMETA_DECLARE_BATCHED(ISA, adam)                                                          \
+  FASTMETA_DECLARE_BATCHED(ISA, adagrad)                                                       \
+  FASTMETA_DECLARE_BATCHED(ISA, rmsprop)                                                       \
   }
 
 FASTMETA_DECLARE_KERNELS(avx512)

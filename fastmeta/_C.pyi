@@ -77,3 +77,42 @@ def rmsprop_step(
     maximize: bool,
 ) -> None: ...
 def stream(arrays: list[int], num_writes: int, n: int) -> None: ...
+
+# Out-of-place, task-batched, differentiable steps (fastmeta/ops/tensor_lists.py). Every tensor
+# is a [T, N] contiguous buffer of one dtype (code `dtype`); an address of 0 means "absent".
+# `states`/`states_out` hold one address per state slot of the rule (sgd: momentum buffer;
+# adam: m, v; adagrad: sum; rmsprop: square_avg, momentum buffer, grad_avg). `hyper` is the
+# address of a float64 [H, T] table of per-task hyperparameters, `lr` of a per-element lr ([N]
+# with lr_task_stride 0, or [T, N] with stride N), `flags` the StepFlag bits of csrc/kernels.h.
+def sgd_forward(param: int, grad: int, states: list[int], param_out: int, states_out: list[int],
+                tasks: int, numel: int, dtype: int, hyper: int, lr: int, lr_task_stride: int,
+                step: float, flags: int) -> None: ...
+def sgd_backward(param: int, grad: int, states: list[int], grad_param_out: int,
+                 grad_states_out: list[int], grad_param: int, grad_grad: int,
+                 grad_states: list[int], grad_lr: int, hyper_grad: int, tasks: int, numel: int,
+                 dtype: int, hyper: int, lr: int, lr_task_stride: int, step: float,
+                 flags: int) -> None: ...
+def adam_forward(param: int, grad: int, states: list[int], param_out: int, states_out: list[int],
+                 tasks: int, numel: int, dtype: int, hyper: int, lr: int, lr_task_stride: int,
+                 step: float, flags: int) -> None: ...
+def adam_backward(param: int, grad: int, states: list[int], grad_param_out: int,
+                  grad_states_out: list[int], grad_param: int, grad_grad: int,
+                  grad_states: list[int], grad_lr: int, hyper_grad: int, tasks: int, numel: int,
+                  dtype: int, hyper: int, lr: int, lr_task_stride: int, step: float,
+                  flags: int) -> None: ...
+def adagrad_forward(param: int, grad: int, states: list[int], param_out: int,
+                    states_out: list[int], tasks: int, numel: int, dtype: int, hyper: int,
+                    lr: int, lr_task_stride: int, step: float, flags: int) -> None: ...
+def adagrad_backward(param: int, grad: int, states: list[int], grad_param_out: int,
+                     grad_states_out: list[int], grad_param: int, grad_grad: int,
+                     grad_states: list[int], grad_lr: int, hyper_grad: int, tasks: int,
+                     numel: int, dtype: int, hyper: int, lr: int, lr_task_stride: int,
+                     step: float, flags: int) -> None: ...
+def rmsprop_forward(param: int, grad: int, states: list[int], param_out: int,
+                    states_out: list[int], tasks: int, numel: int, dtype: int, hyper: int,
+                    lr: int, lr_task_stride: int, step: float, flags: int) -> None: ...
+def rmsprop_backward(param: int, grad: int, states: list[int], grad_param_out: int,
+                     grad_states_out: list[int], grad_param: int, grad_grad: int,
+                     grad_states: list[int], grad_lr: int, hyper_grad: int, tasks: int,
+                     numel: int, dtype: int, hyper: int, lr: int, lr_task_stride: int,
+                     step: float, flags: int) -> None: ...

@@ -1,5 +1,4 @@
-"""The ``fastmeta`` command: ``info``, ``demo`` and ``bench`` (``train``, ``eval`` and ``hpo``
-join as their issues land)."""
+"""The ``fastmeta`` command: ``info``, ``demo``, ``bench``, ``train maml`` and ``eval``."""
 
 from __future__ import annotations
 
@@ -119,6 +118,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"fastmeta bench on {device}: {harness.cpu_model()}, {torch.get_num_threads()} "
           f"threads{' (quick)' if args.quick else ''}")
     finished: list[tuple[suites.Suite, list[harness.Row]]] = []
+    extras: dict[str, dict] = {}
     interrupted = False
     try:
         for suite in selected:
@@ -126,6 +126,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             finished.append((suite, rows))
             for row in suite.rows(quick=args.quick, progress=progress):
                 rows.append(row)
+            if suite.extra is not None:
+                progress(f"{suite.name}: memory")
+                extras[suite.name] = suite.extra()
     except KeyboardInterrupt:
         interrupted = True
     progress.done()
@@ -133,19 +136,81 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for suite, rows in finished:
         if rows:
             print(f"\n{suite.name}: {suite.description}")
-            print(harness.format_table(rows, suite.baselines))
+            shown = [b for b in suite.baselines if any(r.baselines.get(b) for r in rows)]
+            print(harness.format_table(rows, shown))
+            for b in suite.baselines:
+                if b not in shown:
+                    notes = {r.notes.get(b) for r in rows if r.notes.get(b)}
+                    print(f"  ({b}: {'; '.join(sorted(notes)) if notes else 'not measured'})")
             all_rows += rows
+        for title, values in extras.get(suite.name, {}).items():
+            print(f"{title}:")
+            for key, value in values.items():
+                print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
     if interrupted:
         print(f"\ninterrupted: reporting the {len(all_rows)} row(s) finished so far")
     if not all_rows:
         return 130 if interrupted else 1
     harness.write_json(args.json, "fastmeta bench", all_rows,
                        extra={"quick": args.quick, "interrupted": interrupted,
-                              "suites": [s.name for s, _ in finished]})
+                              "suites": [s.name for s, _ in finished], "extras": extras})
     report.plot_speedups(all_rows, args.plot, title=f"fastmeta bench ({device}, "
                          f"{torch.get_num_threads()} threads)")
     print(f"\nwrote {args.json} and {args.plot}")
     return 130 if interrupted else 0
+
+
+def _train_config(args: argparse.Namespace) -> dict:
+    from fastmeta.meta.runs import default_config
+
+    keys = ["task", "shots", "queries", "ways", "inner_steps", "inner_lr", "first_order",
+            "inner_optimizer", "learn_inner_lr", "meta_batch", "iterations", "outer_lr",
+            "grad_clip", "eval_every", "eval_tasks", "eval_steps", "eval_shots", "seed",
+            "omniglot_root", "filters", "impl", "out"]
+    values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if values.get("learn_inner_lr") == "none":
+        values["learn_inner_lr"] = False
+    return default_config(**values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fastmeta.meta import runs
+    from fastmeta.meta.training import CheckpointError
+
+    try:
+        config = _train_config(args)
+        summary = runs.train(config, resume=args.resume)
+    except (ValueError, CheckpointError) as exc:
+        print(f"fastmeta train: {exc}", file=sys.stderr)
+        return 2
+    print(f"trained in {summary['train_seconds']:.1f} s; results in {config['out']}")
+    for ev in summary["evaluation"]:
+        line = (f"  {ev['shots']}-shot, {ev['steps']} step(s), {ev['tasks']} tasks: loss "
+                f"{ev['loss']['mean']:.4f} ± {ev['loss']['ci']:.4f}")
+        if "accuracy" in ev:
+            line += f", accuracy {ev['accuracy']['mean']:.3f} ± {ev['accuracy']['ci']:.3f}"
+        print(line)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fastmeta.meta import runs
+    from fastmeta.meta.training import CheckpointError
+
+    try:
+        maml, config = runs.load_trained(args.checkpoint)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"fastmeta eval: {exc}", file=sys.stderr)
+        return 2
+    for steps in args.steps:
+        for shots in args.shots or [config["shots"]]:
+            ev = runs.evaluate(maml, config, tasks=args.tasks, steps=steps, shots=shots)
+            line = (f"{shots}-shot, {steps} step(s), {args.tasks} tasks: loss "
+                    f"{ev['loss']['mean']:.4f} ± {ev['loss']['ci']:.4f} (95% CI)")
+            if "accuracy" in ev:
+                line += f", accuracy {ev['accuracy']['mean']:.3f} ± {ev['accuracy']['ci']:.3f}"
+            print(line)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,8 +224,43 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--only", help="comma-separated suites to run (default: all)")
     bench.add_argument("--json", default="fastmeta-bench.json", help="where to write the rows")
     bench.add_argument("--plot", default="fastmeta-bench.png", help="where to write the chart")
+    train = sub.add_parser("train", help="meta-train an algorithm (checkpoints, --resume)")
+    train.add_argument("algorithm", choices=["maml"], help="what to meta-train")
+    train.add_argument("--task", choices=["sinusoid", "digits", "omniglot"])
+    train.add_argument("--shots", type=int, help="K, support examples (per class)")
+    train.add_argument("--queries", type=int, help="query examples (per class)")
+    train.add_argument("--ways", type=int, help="N, classes per task (classification)")
+    train.add_argument("--inner-steps", type=int)
+    train.add_argument("--inner-lr", type=float)
+    train.add_argument("--first-order", action="store_true", default=None,
+                       help="first-order MAML (FOMAML)")
+    train.add_argument("--inner-optimizer",
+                       choices=["sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad"])
+    train.add_argument("--learn-inner-lr", choices=["none", "scalar", "per_param"],
+                       help="per_param is Meta-SGD")
+    train.add_argument("--meta-batch", type=int)
+    train.add_argument("--iterations", type=int)
+    train.add_argument("--outer-lr", type=float)
+    train.add_argument("--grad-clip", type=float, help="clamp meta-gradients to [-c, c]")
+    train.add_argument("--eval-every", type=int)
+    train.add_argument("--eval-tasks", type=int)
+    train.add_argument("--eval-steps", type=int, nargs="+")
+    train.add_argument("--eval-shots", type=int)
+    train.add_argument("--filters", type=int, help="conv-4 filters")
+    train.add_argument("--omniglot-root", help="a local folder in the Omniglot layout")
+    train.add_argument("--impl", choices=["auto", "reference", "native", "triton"])
+    train.add_argument("--seed", type=int)
+    train.add_argument("--out", help="the run folder (checkpoint, metrics.csv, plots)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from <out>/checkpoint.pt exactly where it stopped")
+    evaluate = sub.add_parser("eval", help="evaluate a trained checkpoint on new tasks")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--tasks", type=int, default=1000)
+    evaluate.add_argument("--steps", type=int, nargs="+", default=[1, 10])
+    evaluate.add_argument("--shots", type=int, nargs="+")
     args = parser.parse_args(argv)
-    handlers = {"info": cmd_info, "demo": cmd_demo, "bench": cmd_bench}
+    handlers = {"info": cmd_info, "demo": cmd_demo, "bench": cmd_bench, "train": cmd_train,
+                "eval": cmd_eval}
     return handlers[args.command](args)
 
 

@@ -99,6 +99,28 @@ def stream_floor(
     return time_fn(lambda: native.stream(addresses, writes, num_elements), min_run_time=min_run_time)
 
 
+_cuda_copy_bandwidth: float | None = None
+
+
+def cuda_copy_bandwidth() -> float:
+    """Bytes per second of a device-to-device copy (bytes read + bytes written), measured once
+    per process on 1 GiB: the GPU's practical memory roofline."""
+    global _cuda_copy_bandwidth
+    if _cuda_copy_bandwidth is None:
+        src = torch.empty(256 * 1024 * 1024, dtype=torch.float32, device="cuda")
+        dst = torch.empty_like(src)
+        t = time_fn(lambda: dst.copy_(src), device="cuda")
+        _cuda_copy_bandwidth = 2 * src.numel() * 4 / t.median
+        del src, dst
+    return _cuda_copy_bandwidth
+
+
+def cuda_copy_floor(nbytes: int) -> Timing:
+    """The time the copy roofline needs to move ``nbytes`` (read + written)."""
+    seconds = nbytes / cuda_copy_bandwidth()
+    return Timing(seconds, seconds, seconds, blocks=0)
+
+
 def git_sha() -> str | None:
     try:
         out = subprocess.run(

@@ -37,12 +37,12 @@ TORCH_VARIANTS = {
 }
 
 
-def make_params(shapes, seed: int = 0) -> list[torch.Tensor]:
+def make_params(shapes, seed: int = 0, device: str = "cpu") -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     params = []
     for s in shapes:
-        p = torch.randn(s, generator=gen).requires_grad_()
-        p.grad = torch.randn(s, generator=gen) * 1e-3
+        p = torch.randn(s, generator=gen).to(device).requires_grad_()
+        p.grad = (torch.randn(s, generator=gen) * 1e-3).to(device)
         params.append(p)
     return params
 
@@ -54,8 +54,10 @@ def bench_optimizer(
     min_run_time: float,
     compile_baseline: bool = False,
     progress: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> Iterator[harness.Row]:
-    """Yields one row per workload (so an interrupted run keeps the finished rows)."""
+    """Yields one row per workload (so an interrupted run keeps the finished rows). On CUDA the
+    floor is the measured device-to-device copy bandwidth applied to the same bytes."""
     config = CONFIGS[name]
     ours_cls = getattr(fo, name)
     torch_cls = getattr(torch.optim, name)
@@ -63,24 +65,31 @@ def bench_optimizer(
     for workload in workloads:
         shapes = WORKLOADS[workload]
         progress(f"{name} on {workload}: fastmeta")
-        ours_opt = ours_cls(make_params(shapes), **config)
-        ours = harness.time_fn(ours_opt.step, min_run_time=min_run_time)
+        ours_opt = ours_cls(make_params(shapes, device=device), **config)
+        ours = harness.time_fn(ours_opt.step, min_run_time=min_run_time, device=device)
         baselines: dict[str, harness.Timing | None] = {}
         for variant, flags in TORCH_VARIANTS.items():
             progress(f"{name} on {workload}: torch {variant}")
-            opt = torch_cls(make_params(shapes), **config, **flags)
-            baselines[variant] = harness.time_fn(opt.step, min_run_time=min_run_time)
+            opt = torch_cls(make_params(shapes, device=device), **config, **flags)
+            baselines[variant] = harness.time_fn(opt.step, min_run_time=min_run_time,
+                                                 device=device)
         if compile_baseline:
             progress(f"{name} on {workload}: torch.compile (compiling)")
-            opt = torch_cls(make_params(shapes), **config, foreach=False)
+            opt = torch_cls(make_params(shapes, device=device), **config, foreach=False)
             compiled = torch.compile(opt.step)
-            baselines["compile"] = harness.time_fn(compiled, min_run_time=min_run_time)
+            baselines["compile"] = harness.time_fn(compiled, min_run_time=min_run_time,
+                                                   device=device)
         progress(f"{name} on {workload}: stream floor ({reads}R/{writes}W)")
-        floor = harness.stream_floor(numel(shapes), reads, writes, min_run_time=min_run_time)
+        nbytes = numel(shapes) * 4 * (reads + writes)
+        if device == "cuda":
+            floor = harness.cuda_copy_floor(nbytes)
+        else:
+            floor = harness.stream_floor(numel(shapes), reads, writes,
+                                         min_run_time=min_run_time)
         yield harness.Row(
             name=f"{name} {workload}", ours=ours, baselines=baselines, floor=floor,
             notes={"tensors": len(shapes), "elements": numel(shapes),
-                   "bytes": numel(shapes) * 4 * (reads + writes), "config": str(config)},
+                   "bytes": nbytes, "config": str(config), "device": device},
         )
 
 

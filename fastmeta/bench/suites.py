@@ -26,6 +26,8 @@ class Suite:
     description: str
     baselines: list[str]
     rows: Callable[..., Iterator[harness.Row]]  # (quick=, progress=) -> rows
+    # Measurements that are not timings (e.g. saved bytes), printed after the table.
+    extra: Callable[[], dict] | None = None
 
 
 def _optimizer_suite(name: str) -> Suite:
@@ -34,19 +36,43 @@ def _optimizer_suite(name: str) -> Suite:
             name,
             workloads=QUICK_WORKLOADS if quick else FULL_WORKLOADS,
             min_run_time=QUICK_MIN_RUN_TIME if quick else FULL_MIN_RUN_TIME,
+            # torch.compile takes tens of seconds per workload to compile: full runs only.
+            compile_baseline=not quick,
             progress=progress,
         )
 
     return Suite(
         name=name.lower(),
-        description=f"fastmeta.optim.{name}.step() against torch.optim.{name}",
-        baselines=list(TORCH_VARIANTS),
+        description=f"fastmeta.optim.{name}.step() against torch.optim.{name} "
+        "(compile: torch.compile of the for-loop step, full runs only)",
+        baselines=[*TORCH_VARIANTS, "compile"],
         rows=rows,
     )
 
 
+def _inner_rows(*, quick: bool, progress: Callable[[str], None]) -> Iterator[harness.Row]:
+    from fastmeta.bench import inner
+
+    min_run_time = QUICK_MIN_RUN_TIME if quick else FULL_MIN_RUN_TIME
+    progress("inner: differentiable Adam step [8, 1M]")
+    yield from inner.adam_step_rows(min_run_time=min_run_time)
+    progress("inner: differentiable SGD step, 25 sinusoid tasks")
+    yield from inner.sgd_sinusoid_rows(min_run_time=min_run_time)
+
+
+def _inner_memory() -> dict:
+    from fastmeta.bench import inner
+
+    return {"saved bytes, 5-step diff. Adam on a 784-256-256-10 MLP":
+            inner.saved_bytes_adam_mlp()}
+
+
 SUITES: dict[str, Suite] = {
-    s.name: s for s in (_optimizer_suite(n) for n in ("Adam", "SGD", "Adagrad", "RMSprop"))
+    s.name: s for s in [*(_optimizer_suite(n) for n in ("Adam", "SGD", "Adagrad", "RMSprop")),
+                        Suite("inner", "differentiable task-batched updates against eager "
+                              "autograd, torch.func and the per-task loop of learn2learn/higher",
+                              ["eager autograd", "torch.func vmap", "per-task eager", "higher",
+                               "torchopt"], _inner_rows, _inner_memory)]
 }
 
 

@@ -90,3 +90,34 @@ def div_rn(x, y, COMPUTE: tl.constexpr):
     else:
         quotient = tl.math.div_rn(x, y)
     return quotient
+
+
+# ---- Task-batched [T, N] launches (the differentiable steps of fastmeta/ops/tensor_lists.py) --
+# One program covers BLOCK columns of every task row (it loops over the tasks), so the gradient
+# of a per-element lr shared by the tasks is summed in registers, without atomics. Each program
+# writes its per-task hyperparameter-gradient sums to its own slot of a float64 [H, T, programs]
+# table, which the launcher sums in a fixed order: deterministic, like the native kernels.
+
+
+def or_dummy(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    """A pointer argument for an optional tensor; the kernel is compiled not to touch it."""
+    return fallback if t is None else t
+
+
+def compute_type(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def batched_layout(grad: torch.Tensor) -> tuple[int, int]:
+    """``(T, N)`` of an ``[N]`` or ``[T, N]`` buffer."""
+    return (1, grad.shape[0]) if grad.dim() == 1 else (grad.shape[0], grad.shape[1])
+
+
+def lr_stride(lr: torch.Tensor | None, numel: int) -> int:
+    """Elements between two tasks' rows of a per-element lr: 0 for one [N] lr shared by all."""
+    return numel if lr is not None and lr.dim() == 2 else 0
+
+
+def hyper_partials(d_table: torch.Tensor, programs: int) -> torch.Tensor:
+    """The per-program slots of the hyperparameter gradients, float64 [H, T, programs]."""
+    return torch.zeros(*d_table.shape, programs, dtype=torch.float64, device=d_table.device)

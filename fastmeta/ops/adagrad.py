@@ -126,3 +126,97 @@ def _adagrad_step_reference_(params, grads, state_sums, steps, **hyper) -> None:
         )
         p.copy_(new_p)
         state_sums[i].copy_(new_sum)
+
+
+# ---- Out-of-place, task-batched, differentiable step ---------------------------------------
+
+
+class _AdagradRule(tl.StepRule):
+    name = "adagrad"
+    state_names = ("state_sum",)
+    hyper_names = ("lr", "lr_decay", "weight_decay", "eps")
+
+    def out_states(self, cfg):
+        return self.state_names
+
+    def flags(self, cfg):
+        return ((tl.FLAG_MAXIMIZE if cfg.flags["maximize"] else 0)
+                | (tl.FLAG_WEIGHT_DECAY if cfg.needs_param else 0))
+
+    def reference(self, cfg, param, grad, states, hyper):
+        new_p, new_sum = adagrad_step_reference(
+            param, grad, states["state_sum"], step=cfg.flags["step"],
+            maximize=cfg.flags["maximize"], **hyper,
+        )
+        return new_p, {"state_sum": new_sum}
+
+
+ADAGRAD_RULE = _AdagradRule()
+
+
+class AdagradFunction(torch.autograd.Function):
+    """One fused, differentiable Adagrad step on ``[N]`` or ``[T, N]`` buffers.
+
+    Inputs: ``(cfg, param, grad, state_sum, *tensor_hyperparameters)``; outputs
+    ``(param, state_sum)``.
+    """
+
+    @staticmethod
+    def forward(cfg, param, grad, *rest):
+        states, hypers = tl.split_inputs(ADAGRAD_RULE, rest)
+        return tl.step_forward(ADAGRAD_RULE, cfg, param, grad, states, hypers)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        tl.step_setup_context(ADAGRAD_RULE, ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        # ĝ = ±g + λθ ; s' = s + ĝ² ; r = √s' ; δ = r + ε ; k = 1 + (t−1)η ; c = γ/k ;
+        # θ' = θ − c ĝ/δ. Given θ̄', s̄':
+        #   c̄ = −θ̄' ĝ/δ ;  γ̄ = Σ c̄/k ;  η̄ = −Σ c̄ γ (t−1)/k²
+        #   δ̄ = c θ̄' ĝ/δ² = ε̄ ;  s̄'' = s̄' + δ̄/(2r) = s̄
+        #   ĝ̄ = −c θ̄'/δ + 2ĝ s̄'' ;  ḡ = ±ĝ̄ ;  θ̄ = θ̄' + λĝ̄ ;  λ̄ = Σ ĝ̄ θ
+        return tl.step_backward(ADAGRAD_RULE, ctx, grad_outputs)
+
+    @staticmethod
+    def vmap(info, in_dims, cfg, *args):
+        return tl.step_vmap(AdagradFunction, ADAGRAD_RULE, info, in_dims, cfg, *args)
+
+
+def adagrad_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state_sum: torch.Tensor,
+    *,
+    step: int,
+    lr: float | torch.Tensor,
+    lr_decay: float | torch.Tensor = 0.0,
+    weight_decay: float | torch.Tensor = 0.0,
+    eps: float | torch.Tensor = 1e-10,
+    maximize: bool = False,
+    impl: Impl | str = Impl.AUTO,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One out-of-place, differentiable Adagrad step on an ``[N]`` or ``[T, N]`` buffer.
+
+    Args:
+        param, grad, state_sum: ``[N]`` or ``[T, N]`` tensors of one dtype and device.
+        step: the step number after this update (1 on the first step).
+        lr: a number, a () tensor, ``[T]`` (per task), or ``[N]``/``[T, N]`` (per element).
+        lr_decay, weight_decay, eps: numbers, () tensors or ``[T]`` tensors.
+        maximize: as in ``torch.optim.Adagrad``.
+        impl: which implementation runs; see :mod:`fastmeta.backends`.
+
+    Returns:
+        ``(new_param, new_state_sum)``.
+    """
+    op = "adagrad_step"
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"{op}: step must be an int >= 1, got {step!r}")
+    hyper = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps)
+    check_adagrad_hyperparameters(**{k: (0.0 if isinstance(v, torch.Tensor) else float(v))
+                                     for k, v in hyper.items()})
+    new_p, states = tl.run_step(AdagradFunction, ADAGRAD_RULE, op, impl, param, grad,
+                                {"state_sum": state_sum}, hyper,
+                                dict(step=step, maximize=maximize))
+    return new_p, states["state_sum"]

@@ -186,3 +186,115 @@ def _adam_step_reference_(params, grads, exp_avgs, exp_avg_sqs, maxima, steps, *
         exp_avg_sqs[i].copy_(v)
         if vmax is not None:
             maxima[i].copy_(vmax)
+
+
+# ---- Out-of-place, task-batched, differentiable step ---------------------------------------
+
+
+class _AdamRule(tl.StepRule):
+    name = "adam"
+    state_names = ("exp_avg", "exp_avg_sq")
+    hyper_names = ("lr", "beta1", "beta2", "eps", "weight_decay", "eps_root")
+
+    def out_states(self, cfg):
+        return self.state_names
+
+    def flags(self, cfg):
+        f = cfg.flags
+        return ((tl.FLAG_MAXIMIZE if f["maximize"] else 0)
+                | (tl.FLAG_DECOUPLED if f["decoupled_weight_decay"] else 0)
+                | (tl.FLAG_EPS_ROOT if not tl.is_zero(cfg.floats.get("eps_root", 1.0)) else 0)
+                | (tl.FLAG_WEIGHT_DECAY if cfg.needs_param else 0))
+
+    def reference(self, cfg, param, grad, states, hyper):
+        f = cfg.flags
+        new_p, m, v, _ = adam_step_reference(
+            param, grad, states["exp_avg"], states["exp_avg_sq"], step=f["step"],
+            maximize=f["maximize"], decoupled_weight_decay=f["decoupled_weight_decay"], **hyper,
+        )
+        return new_p, {"exp_avg": m, "exp_avg_sq": v}
+
+
+ADAM_RULE = _AdamRule()
+
+
+class AdamFunction(torch.autograd.Function):
+    """One fused, differentiable Adam/AdamW step on ``[N]`` or ``[T, N]`` buffers.
+
+    Inputs: ``(cfg, param, grad, exp_avg, exp_avg_sq, *tensor_hyperparameters)``; outputs
+    ``(param, exp_avg, exp_avg_sq)``. It saves the gradient (and the param under weight decay);
+    the moments are recomputed in the backward (see :mod:`fastmeta.ops.tensor_lists`).
+    """
+
+    @staticmethod
+    def forward(cfg, param, grad, *rest):
+        states, hypers = tl.split_inputs(ADAM_RULE, rest)
+        return tl.step_forward(ADAM_RULE, cfg, param, grad, states, hypers)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        tl.step_setup_context(ADAM_RULE, ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        # ĝ = ±g + λθ (Adam) ; θ̃ = θ(1 − γλ) (AdamW) ; m' = m + (1−β1)(ĝ − m) ;
+        # v' = β2 v + (1−β2)ĝ² ; r = √(v'/bc2 + ε_r) ; δ = r + ε ; a = γ/bc1 ; θ' = θ̃ − a m'/δ,
+        # with bc_i = 1 − β_i^t. Given θ̄', m̄', v̄':
+        #   ā = −θ̄' m'/δ ;  γ̄ = Σ ā/bc1 (− λ θ θ̄' for AdamW) ;  bc̄1 = −ā γ/bc1²
+        #   m̄'' = m̄' − θ̄' a/δ ;  δ̄ = θ̄' a m'/δ² = ε̄ ;  x̄ = δ̄/(2r) = ε̄_r
+        #   v̄'' = v̄' + x̄/bc2 ;  bc̄2 = −x̄ v'/bc2²
+        #   ĝ̄ = (1−β1) m̄'' + 2(1−β2) ĝ v̄'' ;  m̄ = β1 m̄'' ;  v̄ = β2 v̄'' ;  ḡ = ±ĝ̄
+        #   β̄1 = Σ m̄''(m − ĝ) − bc̄1 t β1^(t−1) ;  β̄2 = Σ v̄''(v − ĝ²) − bc̄2 t β2^(t−1)
+        #   θ̄ = θ̄' + λ ĝ̄, λ̄ = Σ ĝ̄ θ (Adam) ;  θ̄ = θ̄'(1 − γλ), λ̄ = −Σ γ θ θ̄' (AdamW)
+        return tl.step_backward(ADAM_RULE, ctx, grad_outputs)
+
+    @staticmethod
+    def vmap(info, in_dims, cfg, *args):
+        return tl.step_vmap(AdamFunction, ADAM_RULE, info, in_dims, cfg, *args)
+
+
+def adam_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float | torch.Tensor,
+    beta1: float | torch.Tensor = 0.9,
+    beta2: float | torch.Tensor = 0.999,
+    eps: float | torch.Tensor = 1e-8,
+    weight_decay: float | torch.Tensor = 0.0,
+    eps_root: float | torch.Tensor = 0.0,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    impl: Impl | str = Impl.AUTO,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One out-of-place, differentiable Adam/AdamW step on an ``[N]`` or ``[T, N]`` buffer.
+
+    Args:
+        param, grad, exp_avg, exp_avg_sq: ``[N]`` or ``[T, N]`` tensors of one dtype and device.
+        step: the step number after this update (1 on the first step).
+        lr: a number, a () tensor, ``[T]`` (per task), or ``[N]``/``[T, N]`` (per element).
+        beta1, beta2, eps, weight_decay, eps_root: numbers, () tensors or ``[T]`` tensors.
+        maximize, decoupled_weight_decay: as in ``torch.optim.Adam``/``AdamW``.
+        impl: which implementation runs; see :mod:`fastmeta.backends`.
+
+    Returns:
+        ``(new_param, new_exp_avg, new_exp_avg_sq)``.
+    """
+    op = "adam_step"
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"{op}: step must be an int >= 1 (the step number after this update), "
+                         f"got {step!r}")
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                 eps_root=eps_root)
+    numbers = {k: v for k, v in hyper.items() if not isinstance(v, torch.Tensor)}
+    check_adam_hyperparameters(**{k: float(numbers.get(k, 0.0)) for k in
+                                  ("lr", "beta1", "beta2", "eps", "weight_decay")})
+    new_p, states = tl.run_step(
+        AdamFunction, ADAM_RULE, op, impl, param, grad,
+        {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, hyper,
+        dict(step=step, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay),
+    )
+    return new_p, states["exp_avg"], states["exp_avg_sq"]

@@ -178,3 +178,125 @@ def _rmsprop_step_reference_(params, grads, square_avgs, buffers, averages, step
             buffers[i].copy_(b)
         if a is not None:
             averages[i].copy_(a)
+
+
+# ---- Out-of-place, task-batched, differentiable step ---------------------------------------
+
+
+class _RmspropRule(tl.StepRule):
+    name = "rmsprop"
+    state_names = ("square_avg", "momentum_buffer", "grad_avg")
+    hyper_names = ("lr", "alpha", "eps", "weight_decay", "momentum")
+
+    def out_states(self, cfg):
+        f = cfg.flags
+        return tuple(n for n, on in zip(self.state_names,
+                                        (True, f["has_momentum"], f["centered"])) if on)
+
+    def flags(self, cfg):
+        f = cfg.flags
+        return ((tl.FLAG_MAXIMIZE if f["maximize"] else 0)
+                | (tl.FLAG_CENTERED if f["centered"] else 0)
+                | (tl.FLAG_MOMENTUM if f["has_momentum"] else 0)
+                | (tl.FLAG_WEIGHT_DECAY if cfg.needs_param else 0))
+
+    def reference(self, cfg, param, grad, states, hyper):
+        f = cfg.flags
+        hyper = dict(hyper)
+        if not f["has_momentum"]:
+            hyper["momentum"] = 0.0
+        new_p, v, b, a = rmsprop_step_reference(
+            param, grad, states["square_avg"], states.get("momentum_buffer"),
+            states.get("grad_avg"), centered=f["centered"], maximize=f["maximize"], **hyper,
+        )
+        out = {"square_avg": v}
+        if b is not None:
+            out["momentum_buffer"] = b
+        if a is not None:
+            out["grad_avg"] = a
+        return new_p, out
+
+
+RMSPROP_RULE = _RmspropRule()
+
+
+class RmspropFunction(torch.autograd.Function):
+    """One fused, differentiable RMSprop step on ``[N]`` or ``[T, N]`` buffers.
+
+    Inputs: ``(cfg, param, grad, square_avg, momentum_buffer, grad_avg, *tensor_hyperparameters)``;
+    outputs ``(param, square_avg, [momentum_buffer], [grad_avg])``.
+    """
+
+    @staticmethod
+    def forward(cfg, param, grad, *rest):
+        states, hypers = tl.split_inputs(RMSPROP_RULE, rest)
+        return tl.step_forward(RMSPROP_RULE, cfg, param, grad, states, hypers)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        tl.step_setup_context(RMSPROP_RULE, ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        # ĝ = ±g + λθ ; v' = αv + (1−α)ĝ² ; a' = αa + (1−α)ĝ, w = v' − a'² (centered; else
+        # w = v') ; r = √w ; δ = r + ε ; u = ĝ/δ ; b' = μb + u, θ' = θ − γb' (momentum; else
+        # θ' = θ − γu). Given θ̄', v̄', b̄', ā':
+        #   momentum: b̄'' = b̄' − γθ̄' = ū, γ̄ = −Σ θ̄' b', b̄ = μ b̄'', μ̄ = Σ b̄'' b
+        #   plain:    ū = −γθ̄', γ̄ = −Σ θ̄' u
+        #   δ̄ = −ū ĝ/δ² = ε̄ ;  w̄ = δ̄/(2r) ;  v̄'' = v̄' + w̄ ;  ā'' = ā' − 2a'w̄
+        #   ĝ̄ = ū/δ + 2(1−α)ĝ v̄'' + (1−α)ā'' ;  v̄ = α v̄'' ;  ā = α ā''
+        #   ᾱ = Σ v̄''(v − ĝ²) + ā''(a − ĝ) ;  ḡ = ±ĝ̄ ;  θ̄ = θ̄' + λĝ̄ ;  λ̄ = Σ ĝ̄ θ
+        return tl.step_backward(RMSPROP_RULE, ctx, grad_outputs)
+
+    @staticmethod
+    def vmap(info, in_dims, cfg, *args):
+        return tl.step_vmap(RmspropFunction, RMSPROP_RULE, info, in_dims, cfg, *args)
+
+
+def rmsprop_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    square_avg: torch.Tensor,
+    momentum_buffer: torch.Tensor | None = None,
+    grad_avg: torch.Tensor | None = None,
+    *,
+    lr: float | torch.Tensor,
+    alpha: float | torch.Tensor = 0.99,
+    eps: float | torch.Tensor = 1e-8,
+    weight_decay: float | torch.Tensor = 0.0,
+    momentum: float | torch.Tensor = 0.0,
+    centered: bool = False,
+    maximize: bool = False,
+    impl: Impl | str = Impl.AUTO,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One out-of-place, differentiable RMSprop step on an ``[N]`` or ``[T, N]`` buffer.
+
+    Args:
+        param, grad, square_avg: ``[N]`` or ``[T, N]`` tensors of one dtype and device.
+        momentum_buffer: needed when ``momentum`` is not 0 (start it at zero, as torch does).
+        grad_avg: needed when ``centered``.
+        lr: a number, a () tensor, ``[T]`` (per task), or ``[N]``/``[T, N]`` (per element).
+        alpha, eps, weight_decay, momentum: numbers, () tensors or ``[T]`` tensors.
+        centered, maximize: as in ``torch.optim.RMSprop``.
+        impl: which implementation runs; see :mod:`fastmeta.backends`.
+
+    Returns:
+        ``(new_param, new_square_avg, new_momentum_buffer, new_grad_avg)``; the last two are
+        None when unused.
+    """
+    op = "rmsprop_step"
+    hyper = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum)
+    check_rmsprop_hyperparameters(**{k: (0.0 if isinstance(v, torch.Tensor) else float(v))
+                                     for k, v in hyper.items()})
+    has_momentum = not tl.is_zero(momentum)
+    if has_momentum and momentum_buffer is None:
+        raise ValueError(f"{op}: momentum_buffer is required when momentum != 0")
+    if centered and grad_avg is None:
+        raise ValueError(f"{op}: grad_avg is required when centered=True")
+    new_p, states = tl.run_step(
+        RmspropFunction, RMSPROP_RULE, op, impl, param, grad,
+        {"square_avg": square_avg, "momentum_buffer": momentum_buffer if has_momentum else None,
+         "grad_avg": grad_avg if centered else None}, hyper,
+        dict(centered=centered, maximize=maximize, has_momentum=has_momentum),
+    )
+    return (new_p, states["square_avg"], states.get("momentum_buffer"), states.get("grad_avg"))

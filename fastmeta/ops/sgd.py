@@ -152,3 +152,113 @@ def _sgd_step_reference_(params, grads, buffers, **hyper) -> None:
         p.copy_(new_p)
         if new_b is not None:
             buffers[i].copy_(new_b)
+
+
+# ---- Out-of-place, task-batched, differentiable step ---------------------------------------
+
+
+class _SgdRule(tl.StepRule):
+    name = "sgd"
+    state_names = ("momentum_buffer",)
+    hyper_names = ("lr", "weight_decay", "momentum", "dampening")
+
+    def out_states(self, cfg):
+        return ("momentum_buffer",) if cfg.flags["has_momentum"] else ()
+
+    def flags(self, cfg):
+        f = cfg.flags
+        return ((tl.FLAG_MAXIMIZE if f["maximize"] else 0)
+                | (tl.FLAG_NESTEROV if f["nesterov"] else 0)
+                | (tl.FLAG_FIRST_STEP if not cfg.states[0] else 0)
+                | (tl.FLAG_MOMENTUM if f["has_momentum"] else 0)
+                | (tl.FLAG_WEIGHT_DECAY if cfg.needs_param else 0))
+
+    def reference(self, cfg, param, grad, states, hyper):
+        f = cfg.flags
+        momentum = hyper["momentum"] if f["has_momentum"] else 0.0
+        new_p, new_b = sgd_step_reference(
+            param, grad, states.get("momentum_buffer"), lr=hyper["lr"],
+            weight_decay=hyper["weight_decay"], momentum=momentum,
+            dampening=hyper["dampening"], nesterov=f["nesterov"], maximize=f["maximize"],
+            first_step="momentum_buffer" not in states,
+        )
+        return new_p, ({"momentum_buffer": new_b} if new_b is not None else {})
+
+
+SGD_RULE = _SgdRule()
+
+
+class SgdFunction(torch.autograd.Function):
+    """One fused, differentiable SGD/momentum step on ``[N]`` or ``[T, N]`` buffers.
+
+    Inputs: ``(cfg, param, grad, momentum_buffer, *tensor_hyperparameters)``; outputs
+    ``(param, [momentum_buffer])``. See :mod:`fastmeta.ops.tensor_lists` for what is saved.
+    """
+
+    @staticmethod
+    def forward(cfg, param, grad, *rest):
+        states, hypers = tl.split_inputs(SGD_RULE, rest)
+        return tl.step_forward(SGD_RULE, cfg, param, grad, states, hypers)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        tl.step_setup_context(SGD_RULE, ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        # With p̄' = ∂L/∂θ', b̄' = ∂L/∂b' (zero when absent), s = ±1 (maximize) and u the update
+        # (θ' = θ − γu):
+        #   ū = −γ p̄',  γ̄ = −Σ p̄'·u
+        #   momentum:  b̄'' = b̄' + (μū if Nesterov else ū)
+        #              d̄ = (ū if Nesterov) + (b̄'' first step, (1−τ)b̄'' later)
+        #              b̄ = μ b̄'',  μ̄ = Σ (Nesterov ? ū·b' : 0) + b̄''·b,  τ̄ = −Σ b̄''·d
+        #   plain:     d̄ = ū
+        #   θ̄ = p̄' + λ d̄,  ḡ = s d̄,  λ̄ = Σ d̄·θ
+        return tl.step_backward(SGD_RULE, ctx, grad_outputs)
+
+    @staticmethod
+    def vmap(info, in_dims, cfg, *args):
+        return tl.step_vmap(SgdFunction, SGD_RULE, info, in_dims, cfg, *args)
+
+
+def sgd_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None = None,
+    *,
+    lr: float | torch.Tensor,
+    weight_decay: float | torch.Tensor = 0.0,
+    momentum: float | torch.Tensor = 0.0,
+    dampening: float | torch.Tensor = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    impl: Impl | str = Impl.AUTO,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One out-of-place, differentiable SGD/momentum step on an ``[N]`` or ``[T, N]`` buffer.
+
+    Args:
+        param, grad: ``[N]`` or ``[T, N]`` tensors of one dtype and device.
+        momentum_buffer: shaped like ``param``; None on the first momentum step.
+        lr: a number, a () tensor, ``[T]`` (per task), or ``[N]``/``[T, N]`` (per element).
+        weight_decay, momentum, dampening: numbers, () tensors or ``[T]`` tensors.
+        nesterov, maximize: as in ``torch.optim.SGD``.
+        impl: which implementation runs; see :mod:`fastmeta.backends`.
+
+    Returns:
+        ``(new_param, new_momentum_buffer)``; the buffer is None when ``momentum`` is 0.
+    """
+    op = "sgd_step"
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum)):
+        if not isinstance(value, torch.Tensor) and value < 0.0:
+            raise ValueError(f"{op}: {name} must be >= 0, got {value}")
+    has_momentum = not tl.is_zero(momentum)
+    if nesterov and (not has_momentum or not tl.is_zero(dampening)):
+        raise ValueError(f"{op}: Nesterov momentum requires a momentum and zero dampening")
+    if momentum_buffer is not None and not has_momentum:
+        raise ValueError(f"{op}: momentum_buffer was given but momentum is 0")
+    new_p, states = tl.run_step(
+        SgdFunction, SGD_RULE, op, impl, param, grad, {"momentum_buffer": momentum_buffer},
+        dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening),
+        dict(nesterov=nesterov, maximize=maximize, has_momentum=has_momentum),
+    )
+    return new_p, states.get("momentum_buffer")

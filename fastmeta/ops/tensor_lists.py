@@ -175,11 +175,15 @@ def is_zero(value: float | torch.Tensor) -> bool:
 # rule: otherwise the backward recomputes it, exactly, by re-running the fused forward from the
 # first step of the chain (the "root", which saves its input state). A K-step inner loop thus
 # keeps K gradients plus one copy of the state alive between forward and backward, instead of
-# K copies of every moment.
+# K copies of every moment. The first backward of the chain re-runs the K − 1 earlier forwards
+# once and hands each step its input state (freed when that step's backward is done): one more
+# forward of the update, and during the backward the states are back, as in eager autograd.
+# Under create_graph the recomputation is done with differentiable reference ops instead, per
+# step, so that second derivatives flow through it.
 
 
 class StepConfig:
-    """The non-tensor inputs of a step Function: hashable, so autograd treats it as a constant.
+    """The non-tensor input of a step Function (autograd passes it through untouched).
 
     Attributes:
         op: the public op name (errors, :func:`fastmeta.backends.trace`).
@@ -209,6 +213,11 @@ class StepConfig:
         return self.floats[name]
 
 
+# The dtypes of the differentiable steps (and of their kernels: csrc/elem.h,
+# FASTMETA_DISPATCH_FLOAT).
+BATCHED_DTYPES = (torch.float32, torch.float64)
+
+
 def check_batched_param(op: str, param: torch.Tensor) -> tuple[int, int]:
     """Checks a ``[N]`` or ``[T, N]`` param and returns ``(T, N)`` (T is 1 for ``[N]``)."""
     if not isinstance(param, torch.Tensor):
@@ -217,9 +226,9 @@ def check_batched_param(op: str, param: torch.Tensor) -> tuple[int, int]:
     if param.dim() not in (1, 2):
         raise ValueError(f"{op}: params must be [N] (one task) or [T, N] (T tasks), got shape "
                          f"{tuple(param.shape)}")
-    if param.dtype not in DTYPE_CODES:
-        raise TypeError(f"{op}: params has dtype {param.dtype}; supported dtypes are float32, "
-                        "float64, float16 and bfloat16")
+    if param.dtype not in BATCHED_DTYPES:
+        raise TypeError(f"{op}: params has dtype {param.dtype}; the differentiable steps "
+                        "support float32 and float64 (meta-gradients need the precision)")
     if param.is_sparse:
         raise ValueError(f"{op}: params is sparse; only dense params are supported")
     return (1, param.shape[0]) if param.dim() == 1 else (param.shape[0], param.shape[1])
@@ -312,6 +321,10 @@ def hyper_table(cfg: StepConfig, names: Sequence[str], tensors: Sequence[torch.T
                 tasks: int, numel: int, device: torch.device) -> torch.Tensor:
     """A float64 ``[H, T]`` table of per-task hyperparameter values for the kernels. A
     per-element ``lr`` goes to the kernels as its own array; its row holds zeros."""
+    values = [cfg.hyper(name, tensors) for name in names]
+    if not any(isinstance(v, torch.Tensor) for v in values):  # the common case: one small copy
+        table = torch.tensor(values, dtype=torch.float64).unsqueeze(1).expand(-1, tasks)
+        return table.contiguous().to(device, non_blocking=True)
     rows = []
     for name in names:
         value = cfg.hyper(name, tensors)
@@ -407,7 +420,7 @@ def step_forward(rule: StepRule, cfg: StepConfig, param, grad, states, hypers, *
     param_c = param.contiguous() if param is not None else None
     grad_c = grad.contiguous()
     states_c = [s.contiguous() if s is not None else None for s in states]
-    new_p = torch.empty_like(grad_c) if want_param else None
+    new_p = torch.empty_like(grad_c)  # the kernels always write it; dropped if not wanted
     new_states = {n: torch.empty_like(grad_c) for n in out_names}
     table = hyper_table(cfg, rule.hyper_names, hypers, tasks, numel, grad.device)
     lr = cfg.hyper("lr", hypers)
@@ -421,11 +434,11 @@ def step_forward(rule: StepRule, cfg: StepConfig, param, grad, states, hypers, *
         )
     else:
         triton_kernels(rule.name).step_forward(
-            rule, param_c, grad_c, states_c, new_p,
+            rule, param_c, grad_c, states_c, new_p if want_param else None,
             [new_states.get(n) for n in rule.state_names], table, lr_elem,
             step=float(cfg.flags.get("step", 0)), flags=rule.flags(cfg),
         )
-    return (new_p, *(new_states[n] for n in out_names))
+    return (new_p if want_param else None, *(new_states[n] for n in out_names))
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -437,7 +450,9 @@ def _lr_stride(lr_elem: torch.Tensor | None, numel: int) -> int:
     return numel if lr_elem is not None and lr_elem.dim() == 2 else 0
 
 
-def _split(rule: StepRule, rest):
+def split_inputs(rule: StepRule, rest):
+    """Splits a step Function's inputs after ``(cfg, param, grad)`` into states and tensor
+    hyperparameters."""
     ns = len(rule.state_names)
     return list(rest[:ns]), list(rest[ns:])
 
@@ -446,7 +461,7 @@ def step_setup_context(rule: StepRule, ctx, inputs, output) -> None:
     """Saves the gradient (and the param when it is read), and the input state only where it
     cannot be recomputed from an earlier step (see the section comment above)."""
     cfg, param, grad, *rest = inputs
-    states, hypers = _split(rule, rest)
+    states, hypers = split_inputs(rule, rest)
     producer = _producer(rule, ctx, cfg, states)
     saved_states = [None] * len(states) if producer is not None else states
     ctx.save_for_backward(grad, param if cfg.needs_param else None, *saved_states, *hypers)
@@ -477,7 +492,7 @@ def _producer(rule: StepRule, ctx, cfg: StepConfig, states):
 
 def _saved(rule: StepRule, ctx):
     grad, param, *rest = ctx.saved_tensors
-    states, hypers = _split(rule, rest)
+    states, hypers = split_inputs(rule, rest)
     return param, grad, states, hypers
 
 
@@ -544,7 +559,7 @@ def _reference_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs, 
         for i, t in zip(wanted, primals):
             args[i] = t
         p, g, *rest = args
-        st, hy = _split(rule, rest)
+        st, hy = split_inputs(rule, rest)
         return tuple(step_forward(rule, cfg, p, g, st, hy, impl=Impl.REFERENCE))
 
     outs, vjp_fn = torch.func.vjp(forward, *(inputs[i] for i in wanted))
@@ -571,7 +586,7 @@ def _kernel_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs):
     d_table = torch.zeros_like(table)
     lr = cfg.hyper("lr", hypers)
     lr_elem = lr.detach().contiguous() if lr_mode(lr, tasks, numel) == "element" else None
-    d_lr_elem = torch.empty_like(lr_elem) if lr_elem is not None else None
+    d_lr_elem = torch.zeros_like(lr_elem) if lr_elem is not None else None  # summed into
     step = float(cfg.flags.get("step", 0))
     if cfg.impl is Impl.NATIVE:
         getattr(native(), f"{rule.name}_backward")(
@@ -618,7 +633,7 @@ def step_vmap(function, rule: StepRule, info, in_dims, cfg: StepConfig, *args):
         t = front(t, d)
         return t.reshape(batch * tasks, t.shape[-1])
 
-    states, hypers = _split(rule, rest)
+    states, hypers = split_inputs(rule, rest)
     new_param, new_grad = as_rows(param, dims[0]), as_rows(grad, dims[1])
     new_states = [as_rows(s, d) for s, d in zip(states, dims[2:2 + len(states)])]
     new_hypers = []
