@@ -67,12 +67,23 @@ def _inner_memory() -> dict:
             inner.saved_bytes_adam_mlp()}
 
 
+def _maml_rows(*, quick: bool, progress: Callable[[str], None]) -> Iterator[harness.Row]:
+    from fastmeta.bench import maml
+
+    progress("maml: meta-steps (sinusoid" + ("" if quick else ", conv-4") + ")")
+    yield from maml.rows(min_run_time=QUICK_MIN_RUN_TIME if quick else FULL_MIN_RUN_TIME,
+                         quick=quick)
+
+
 SUITES: dict[str, Suite] = {
     s.name: s for s in [*(_optimizer_suite(n) for n in ("Adam", "SGD", "Adagrad", "RMSprop")),
                         Suite("inner", "differentiable task-batched updates against eager "
                               "autograd, torch.func and the per-task loop of learn2learn/higher",
                               ["eager autograd", "torch.func vmap", "per-task eager", "higher",
-                               "torchopt"], _inner_rows, _inner_memory)]
+                               "torchopt"], _inner_rows, _inner_memory),
+                        Suite("maml", "one MAML meta-step (second order) against torch.func, "
+                              "an eager per-task loop and higher", ["torch.func vmap",
+                              "eager loop", "higher"], _maml_rows)]
 }
 
 

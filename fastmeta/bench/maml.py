@@ -1,0 +1,146 @@
+"""Benchmarks of one MAML meta-step (inner loop + query loss + meta-gradient + outer step)
+against the ways people write it today, all in the same run:
+
+* ``torch.func vmap``: ``vmap`` over tasks of a ``grad``-based inner loop (second order);
+* ``eager loop``: a Python loop over tasks with ``autograd.grad(create_graph=True)`` and
+  per-tensor ``p - lr * g`` updates on ``functional_call`` (learn2learn's pattern);
+* ``higher``: ``higher.innerloop_ctx`` per task, when higher is installed.
+
+Workloads: the sinusoid MLP (T=25, K=10; 1 and 5 inner steps) and the conv-4 network on 5-way
+1-shot 28x28 episodes (T=8, 1 inner step).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from fastmeta.bench import harness
+from fastmeta.meta import MAML, MLP, Conv4
+from fastmeta.optim import Adam
+
+INNER_LR = 0.01
+
+
+def _vmap_step(model, loss_fn, steps: int, outer):
+    names = [n for n, _ in model.named_parameters()]
+
+    def task_loss(params, x, y):
+        return loss_fn(functional_call(model, params, (x,)), y)
+
+    def query_loss(params, xs, ys, xq, yq):
+        for _ in range(steps):
+            g = grad(task_loss)(params, xs, ys)
+            params = {n: params[n] - INNER_LR * g[n] for n in names}
+        return task_loss(params, xq, yq)
+
+    batched = vmap(query_loss, in_dims=(None, 0, 0, 0, 0), randomness="different")
+
+    def step(ep):
+        params = dict(model.named_parameters())
+        loss = batched(params, ep.support_x, ep.support_y, ep.query_x, ep.query_y).mean()
+        outer.zero_grad()
+        loss.backward()
+        outer.step()
+
+    return step
+
+
+def _eager_step(model, loss_fn, steps: int, outer):
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+
+    def step(ep):
+        outer.zero_grad()
+        total = 0.0
+        for t in range(ep.support_x.shape[0]):
+            fast = params
+            for _ in range(steps):
+                out = functional_call(model, dict(zip(names, fast)), (ep.support_x[t],))
+                g = torch.autograd.grad(loss_fn(out, ep.support_y[t]), fast, create_graph=True)
+                fast = [p - INNER_LR * gi for p, gi in zip(fast, g)]
+            out = functional_call(model, dict(zip(names, fast)), (ep.query_x[t],))
+            total = total + loss_fn(out, ep.query_y[t])
+        (total / ep.support_x.shape[0]).backward()
+        outer.step()
+
+    return step
+
+
+def _higher_step(model, loss_fn, steps: int, outer):
+    import higher
+
+    inner = torch.optim.SGD(model.parameters(), lr=INNER_LR)
+
+    def step(ep):
+        outer.zero_grad()
+        tasks = ep.support_x.shape[0]
+        for t in range(tasks):
+            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fm, diffopt):
+                for _ in range(steps):
+                    diffopt.step(loss_fn(fm(ep.support_x[t]), ep.support_y[t]))
+                (loss_fn(fm(ep.query_x[t]), ep.query_y[t]) / tasks).backward()
+        outer.step()
+
+    return step
+
+
+def _fastmeta_step(model, loss_fn, steps: int, outer_lr: float):
+    maml = MAML(model, loss_fn=loss_fn, inner_lr=INNER_LR, inner_steps=steps)
+    outer = Adam(maml.parameters(), lr=outer_lr)
+
+    def step(ep):
+        out = maml(ep)
+        outer.zero_grad()
+        out.loss.backward()
+        outer.step()
+
+    return step
+
+
+def _row(name: str, make_model: Callable[[], torch.nn.Module], loss_fn, episode, steps: int,
+         *, baselines: list[str], min_run_time: float) -> harness.Row:
+    torch.manual_seed(0)
+    ours = harness.time_fn(lambda s=_fastmeta_step(make_model(), loss_fn, steps, 1e-3):
+                           s(episode), min_run_time=min_run_time)
+    timings: dict[str, harness.Timing | None] = {}
+    notes = {}
+    makers = {"torch.func vmap": _vmap_step, "eager loop": _eager_step, "higher": _higher_step}
+    for baseline in baselines:
+        if baseline == "higher" and importlib.util.find_spec("higher") is None:
+            timings[baseline] = None
+            notes["higher"] = "higher is not installed (skipped)"
+            continue
+        model = make_model()
+        step = makers[baseline](model, loss_fn, steps, torch.optim.Adam(model.parameters()))
+        timings[baseline] = harness.time_fn(lambda s=step: s(episode),
+                                            min_run_time=min_run_time)
+    return harness.Row(name=name, ours=ours, baselines=timings, notes=notes)
+
+
+def rows(*, min_run_time: float, quick: bool = False) -> Iterator[harness.Row]:
+    from fastmeta.tasks import SinusoidTasks
+
+    sinusoid = SinusoidTasks(seed=0).sample(25, shots=10)
+    for steps in (1, 5):
+        yield _row(f"MAML sinusoid T=25 K=10, {steps} step(s)", MLP, F.mse_loss, sinusoid,
+                   steps, baselines=["torch.func vmap", "eager loop", "higher"],
+                   min_run_time=min_run_time)
+    if quick:
+        return
+    gen = torch.Generator().manual_seed(0)
+    from fastmeta.tasks import Episode
+
+    conv = Episode(
+        support_x=torch.rand(8, 5, 1, 28, 28, generator=gen),
+        support_y=torch.arange(5).repeat(8, 1),
+        query_x=torch.rand(8, 75, 1, 28, 28, generator=gen),
+        query_y=torch.arange(5).repeat_interleave(15).repeat(8, 1),
+    )
+    yield _row("MAML conv-4 5-way 1-shot T=8, 1 step", lambda: Conv4(1, 5, image_size=28),
+               F.cross_entropy, conv, 1, baselines=["torch.func vmap", "eager loop"],
+               min_run_time=min_run_time)
