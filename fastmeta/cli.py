@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--eval-every", type=int)
     train.add_argument("--eval-tasks", type=int)
     train.add_argument("--eval-steps", type=int, nargs="+")
-    train.add_argument("--eval-shots", type=int)
+    train.add_argument("--eval-shots", type=int, nargs="+",
+                       help="support sizes of the final evaluation (default: --shots)")
     train.add_argument("--filters", type=int, help="conv-4 filters")
     train.add_argument("--omniglot-root", help="a local folder in the Omniglot layout")
     train.add_argument("--impl", choices=["auto", "reference", "native", "triton"])

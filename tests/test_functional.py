@@ -361,6 +361,16 @@ def test_list_of_tensors_keeps_its_structure(impl):
     assert_close(torch.cat([t.reshape(-1) for t in state.exp_avg_sq]), flat_state.exp_avg_sq)
 
 
+@pytest.mark.parametrize("impl", [impl_param("reference"), impl_param("native"),
+                                  impl_param("triton")])
+def test_empty_buffers(impl):
+    theta = torch.zeros(3, 0, requires_grad=True)
+    lr = torch.rand(3, requires_grad=True)
+    new, state = F.adam(theta, torch.zeros(3, 0), lr=lr, impl=impl)
+    d_theta, d_lr = torch.autograd.grad(new.sum() + state.exp_avg.sum(), (theta, lr))
+    assert d_theta.shape == (3, 0) and torch.equal(d_lr, torch.zeros(3))
+
+
 @pytest.mark.native
 def test_vmap_maps_onto_the_task_dimension():
     params, grads = torch.randn(4, 2, 6), torch.randn(4, 2, 6)

@@ -188,7 +188,7 @@ def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False) 
     train_seconds = elapsed_before + time.perf_counter() - started
     summary = {"config": config, "train_seconds": train_seconds, "evaluation": []}
     for steps in config["eval_steps"]:
-        for shots in ([config["eval_shots"]] if config["eval_shots"] else [config["shots"]]):
+        for shots in (config["eval_shots"] or [config["shots"]]):
             summary["evaluation"].append(
                 evaluate(maml, config, tasks=config["eval_tasks"], steps=steps, shots=shots))
     with open(out / "summary.json", "w") as f:

@@ -425,7 +425,9 @@ def step_forward(rule: StepRule, cfg: StepConfig, param, grad, states, hypers, *
     table = hyper_table(cfg, rule.hyper_names, hypers, tasks, numel, grad.device)
     lr = cfg.hyper("lr", hypers)
     lr_elem = lr.detach().contiguous() if lr_mode(lr, tasks, numel) == "element" else None
-    if impl is Impl.NATIVE:
+    if grad.numel() == 0:
+        pass  # nothing to compute; an empty tensor's address may be 0
+    elif impl is Impl.NATIVE:
         getattr(native(), f"{rule.name}_forward")(
             _ptr(param_c), grad_c.data_ptr(), [_ptr(s) for s in states_c], _ptr(new_p),
             [_ptr(new_states.get(n)) for n in rule.state_names], tasks, numel,
@@ -588,7 +590,9 @@ def _kernel_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs):
     lr_elem = lr.detach().contiguous() if lr_mode(lr, tasks, numel) == "element" else None
     d_lr_elem = torch.zeros_like(lr_elem) if lr_elem is not None else None  # summed into
     step = float(cfg.flags.get("step", 0))
-    if cfg.impl is Impl.NATIVE:
+    if grad.numel() == 0:
+        pass  # nothing to compute; an empty tensor's address may be 0
+    elif cfg.impl is Impl.NATIVE:
         getattr(native(), f"{rule.name}_backward")(
             _ptr(param_c), grad_c.data_ptr(), [_ptr(s) for s in states_c],
             _ptr(contiguous[0]), [_ptr(go_states.get(n)) for n in rule.state_names],
