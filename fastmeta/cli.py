@@ -119,16 +119,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"threads{' (quick)' if args.quick else ''}")
     finished: list[tuple[suites.Suite, list[harness.Row]]] = []
     extras: dict[str, dict] = {}
+    failures: dict[str, str] = {}
     interrupted = False
     try:
         for suite in selected:
             rows: list[harness.Row] = []
             finished.append((suite, rows))
-            for row in suite.rows(quick=args.quick, progress=progress):
-                rows.append(row)
-            if suite.extra is not None:
-                progress(f"{suite.name}: memory")
-                extras[suite.name] = suite.extra()
+            try:
+                for row in suite.rows(quick=args.quick, progress=progress):
+                    rows.append(row)
+                if suite.extra is not None:
+                    progress(f"{suite.name}: memory")
+                    extras[suite.name] = suite.extra()
+            except Exception as exc:  # one broken suite must not lose the others' rows
+                failures[suite.name] = f"{type(exc).__name__}: {exc}"
     except KeyboardInterrupt:
         interrupted = True
     progress.done()
@@ -147,17 +151,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"{title}:")
             for key, value in values.items():
                 print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    for name, error in failures.items():
+        print(f"\n{name}: FAILED ({error}); its finished rows, if any, are above")
     if interrupted:
         print(f"\ninterrupted: reporting the {len(all_rows)} row(s) finished so far")
     if not all_rows:
         return 130 if interrupted else 1
     harness.write_json(args.json, "fastmeta bench", all_rows,
                        extra={"quick": args.quick, "interrupted": interrupted,
-                              "suites": [s.name for s, _ in finished], "extras": extras})
+                              "suites": [s.name for s, _ in finished], "extras": extras,
+                              "failures": failures})
     report.plot_speedups(all_rows, args.plot, title=f"fastmeta bench ({device}, "
                          f"{torch.get_num_threads()} threads)")
     print(f"\nwrote {args.json} and {args.plot}")
-    return 130 if interrupted else 0
+    return 130 if interrupted else 1 if failures else 0
 
 
 def _train_config(args: argparse.Namespace) -> dict:
@@ -173,6 +180,16 @@ def _train_config(args: argparse.Namespace) -> dict:
     return default_config(**values)
 
 
+def _describe(ev: dict) -> str:
+    """One evaluation as a line: loss (and accuracy) with the 95% CI, and diverged tasks."""
+    line = f"{ev['shots']}-shot, {ev['steps']} step(s), {ev['tasks']} tasks: loss "
+    line += ("n/a" if ev["loss"] is None else
+             f"{ev['loss']['mean']:.4f} ± {ev['loss']['ci']:.4f} (95% CI)")
+    if ev.get("diverged"):
+        line += f", {ev['diverged']} task(s) diverged (excluded)"
+    return line
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from fastmeta.meta import runs
     from fastmeta.meta.training import CheckpointError
@@ -185,8 +202,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     print(f"trained in {summary['train_seconds']:.1f} s; results in {config['out']}")
     for ev in summary["evaluation"]:
-        line = (f"  {ev['shots']}-shot, {ev['steps']} step(s), {ev['tasks']} tasks: loss "
-                f"{ev['loss']['mean']:.4f} ± {ev['loss']['ci']:.4f}")
+        line = f"  {_describe(ev)}"
         if "accuracy" in ev:
             line += f", accuracy {ev['accuracy']['mean']:.3f} ± {ev['accuracy']['ci']:.3f}"
         print(line)
@@ -205,8 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for steps in args.steps:
         for shots in args.shots or [config["shots"]]:
             ev = runs.evaluate(maml, config, tasks=args.tasks, steps=steps, shots=shots)
-            line = (f"{shots}-shot, {steps} step(s), {args.tasks} tasks: loss "
-                    f"{ev['loss']['mean']:.4f} ± {ev['loss']['ci']:.4f} (95% CI)")
+            line = _describe(ev)
             if "accuracy" in ev:
                 line += f", accuracy {ev['accuracy']['mean']:.3f} ± {ev['accuracy']['ci']:.3f}"
             print(line)

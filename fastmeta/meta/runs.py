@@ -118,7 +118,12 @@ def evaluate(maml: MAML, config: dict[str, Any], *, tasks: int, steps: int,
         if out.accuracy is not None:
             accuracies.append(out.accuracy)
         remaining -= batch
-    result = {"loss": mean_ci(torch.cat(losses))._asdict(), "tasks": tasks, "steps": steps,
+    losses = torch.cat(losses)
+    finite = torch.isfinite(losses)
+    # A learned per-parameter lr (Meta-SGD) may diverge when run for more steps than it was
+    # trained for: such tasks are counted, and the statistics cover the others.
+    result = {"loss": mean_ci(losses[finite])._asdict() if finite.any() else None,
+              "diverged": int((~finite).sum()), "tasks": tasks, "steps": steps,
               "shots": shots or config["shots"]}
     if accuracies:
         result["accuracy"] = mean_ci(torch.cat(accuracies))._asdict()
@@ -177,7 +182,8 @@ def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False) 
                                steps=config["inner_steps"], seed=999, split="val")
                 metrics.write({
                     "iteration": done, "meta_loss": sum(running) / len(running),
-                    "eval_loss": val["loss"]["mean"], "eval_ci": val["loss"]["ci"],
+                    "eval_loss": val["loss"]["mean"] if val["loss"] else "nan",
+                    "eval_ci": val["loss"]["ci"] if val["loss"] else "",
                     "eval_accuracy": val.get("accuracy", {}).get("mean", ""),
                     "seconds": round(seconds, 2),
                 })

@@ -30,6 +30,9 @@ class PreparedStep:
         states: the op's state lists in its positional order; None for an unused one.
         state_steps: the step counters, for ops that keep them; None otherwise.
         impl: the requested implementation, resolved here once.
+        watch_state: also check on each call that the state tensors have not moved. The
+            optimizers pass False: they own their state, replace it only through
+            ``load_state_dict`` (which drops their plans), and so check the params alone.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class PreparedStep:
         state_steps: Sequence[torch.Tensor] | None,
         *,
         impl: Impl | str,
+        watch_state: bool = True,
     ) -> None:
         self.op = op
         self.step_fn = step_fn
@@ -71,9 +75,12 @@ class PreparedStep:
             self._dtypes = tl.dtype_codes(self.params)
             self._shapes = [p.shape for p in self.params]
             self._dtype_objs = [p.dtype for p in self.params]
-            self._watched = self.params + [t for s in self.states if s for t in s]
-            if self.state_steps is not None:
-                self._watched += self.state_steps
+            self._param_pointers = tl.pointers(self.params)
+            self._watched = list(self.params)
+            if watch_state:
+                self._watched += [t for s in self.states if s for t in s]
+                if self.state_steps is not None:
+                    self._watched += self.state_steps
             self._watched_pointers = tl.pointers(self._watched)
 
     def still_valid(self) -> bool:
@@ -116,7 +123,7 @@ class PreparedStep:
             if isinstance(value, torch.Tensor):
                 hyper[name] = tl.check_scalar(self.op, name, value)
         self._native(
-            self._watched_pointers[: len(self.params)], grad_pointers, *self._state_pointers,
+            self._param_pointers, grad_pointers, *self._state_pointers,
             *self._step_args, self._numels, self._dtypes, **hyper,
         )
 
@@ -131,11 +138,9 @@ class PreparedStep:
             for g in grads:
                 if g.is_sparse:
                     tl.check_like_params(self.op, "grads", grads, self.params)
-        pointers = []
-        self._keepalive = []
-        for g in grads:
-            if not g.is_contiguous():
-                g = g.contiguous()
-                self._keepalive.append(g)
-            pointers.append(g.data_ptr())
-        return pointers
+        if all([g.is_contiguous() for g in grads]):
+            self._keepalive = []
+            return [g.data_ptr() for g in grads]
+        # The kernel reads a contiguous copy of a strided gradient; keep it alive for the call.
+        self._keepalive = [g if g.is_contiguous() else g.contiguous() for g in grads]
+        return [g.data_ptr() for g in self._keepalive]

@@ -88,7 +88,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
                 return PreparedStep(
                     "adagrad_step_", adagrad_step_, "adagrad_step", [as_real(p) for p in sub],
                     [("state_sums", [as_real(s["sum"]) for s in states])],
-                    [s["step"] for s in states], impl=self.impl,
+                    [s["step"] for s in states], impl=self.impl, watch_state=False,
                 )
 
             plans = self._plans(index, params, (), prepare)

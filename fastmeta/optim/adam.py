@@ -51,7 +51,7 @@ def _adam_step(optimizer, closure, *, name: str, decoupled: bool):
                  ("exp_avg_sqs", [as_real(s["exp_avg_sq"]) for s in states]),
                  ("max_exp_avg_sqs",
                   [as_real(s["max_exp_avg_sq"]) for s in states] if amsgrad else None)],
-                [s["step"] for s in states], impl=optimizer.impl,
+                [s["step"] for s in states], impl=optimizer.impl, watch_state=False,
             )
 
         plans = optimizer._plans(index, params, (amsgrad,), prepare)

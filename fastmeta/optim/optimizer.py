@@ -66,15 +66,11 @@ def params_with_grad(name: str, group: dict, *, sparse_message: str | None = Non
                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The params of a group that have a gradient, and those gradients; sparse ones are
     refused with torch's message."""
-    params, grads = [], []
-    for p in group["params"]:
-        g = p.grad
-        if g is not None:
-            params.append(p)
-            grads.append(g)
-    for g in grads:
-        if g.is_sparse:
-            raise RuntimeError(sparse_message or f"{name} does not support sparse gradients")
+    # List comprehensions: this runs on every step, for every param of the group.
+    params = [p for p in group["params"] if p.grad is not None]
+    grads = [p.grad for p in params]
+    if any([g.is_sparse for g in grads]):
+        raise RuntimeError(sparse_message or f"{name} does not support sparse gradients")
     return params, grads
 
 
@@ -99,9 +95,11 @@ Plans = list[tuple["list[int] | None", PreparedStep]]
 class FusedOptimizer:
     """Mixin for the drop-in optimizers: caches each group's prepared plans.
 
-    A cached plan holds the group's state tensors. Replacing an entry of ``optimizer.state``
-    by hand (rather than through ``load_state_dict``) must be followed by
-    ``optimizer._drop_plans()``; moving a param (``p.data = ...``) is detected.
+    A cached plan holds the group's state tensors and checks on every step that no param has
+    moved (``p.data = ...`` is detected and the plan rebuilt). The state is the optimizer's
+    own: ``load_state_dict`` and ``add_param_group`` drop the plans, but replacing an entry of
+    ``optimizer.state`` (or its storage) by hand must be followed by
+    ``optimizer._drop_plans()``.
     """
 
     def _cached_plans(self, group_index: int, params: list[torch.Tensor], layout: tuple):

@@ -95,7 +95,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
                      ("momentum_buffers", [as_real(s["momentum_buffer"]) for s in states]
                       if momentum > 0 else None),
                      ("grad_avgs", [as_real(s["grad_avg"]) for s in states] if centered else None)],
-                    [s["step"] for s in states], impl=self.impl,
+                    [s["step"] for s in states], impl=self.impl, watch_state=False,
                 )
 
             plans = self._plans(index, params, (momentum > 0, centered), prepare)

@@ -112,6 +112,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                         )
                     buffers.append(as_real(state["momentum_buffer"]))
             return PreparedStep("sgd_step_", sgd_step_, "sgd_step", [as_real(p) for p in sub],
-                                [("momentum_buffers", buffers)], None, impl=self.impl)
+                                [("momentum_buffers", buffers)], None, impl=self.impl,
+                                watch_state=False)
 
         return prepare
