@@ -18,7 +18,6 @@ QUICK_WORKLOADS = ["conv4", "resnet18"]
 QUICK_MIN_RUN_TIME = 0.25
 FULL_WORKLOADS = ["conv4", "resnet18", "single_16m"]
 FULL_MIN_RUN_TIME = 1.0
-COMPILED = ("Adam", "SGD")
 
 
 @dataclass(frozen=True)
@@ -37,17 +36,15 @@ def _optimizer_suite(name: str) -> Suite:
             name,
             workloads=QUICK_WORKLOADS if quick else FULL_WORKLOADS,
             min_run_time=QUICK_MIN_RUN_TIME if quick else FULL_MIN_RUN_TIME,
-            # torch.compile takes 10-50 s per workload to compile here: full runs only, and
-            # only for the two optimizers with speed targets, to keep the full run < 15 min.
-            compile_baseline=not quick and name in COMPILED,
+            # torch.compile takes 10-50 s per workload to compile here: full runs only.
+            compile_baseline=not quick,
             progress=progress,
         )
 
     return Suite(
         name=name.lower(),
-        description=f"fastmeta.optim.{name}.step() against torch.optim.{name}"
-        + (" (compile: torch.compile of the for-loop step, full runs only)"
-           if name in COMPILED else ""),
+        description=f"fastmeta.optim.{name}.step() against torch.optim.{name} "
+        "(compile: torch.compile of the for-loop step, full runs only)",
         baselines=[*TORCH_VARIANTS, "compile"],
         rows=rows,
     )
