@@ -119,8 +119,9 @@ void adam_forward_typed(const BatchedStep& s, int64_t begin, int64_t n) {
     const int64_t o = t * s.numel + begin;
     adam_forward_row<T, kHasLr, kDecoupled, kEpsRoot>(
         adam_row<C>(s, t), n, row_or_zeros<T>(s.param, o, s),
-        static_cast<const T*>(s.grad) + o, static_cast<const T*>(s.state[0]) + o,
-        static_cast<const T*>(s.state[1]) + o,
+        // An absent state (the first step of a chain) reads as zeros: nothing to allocate.
+        static_cast<const T*>(s.grad) + o, row_or_zeros<T>(s.state[0], o, s),
+        row_or_zeros<T>(s.state[1], o, s),
         kHasLr ? static_cast<const T*>(s.lr) + t * s.lr_task_stride + begin : nullptr,
         static_cast<T*>(s.param_out) + o, static_cast<T*>(s.state_out[0]) + o,
         static_cast<T*>(s.state_out[1]) + o);
@@ -169,8 +170,8 @@ static void adam_backward_row(const AdamRow<typename Elem<T>::C> r, int64_t n,
       const C vbar = E::load(gvo + i) + xbar / r.bc2;
       const C bc2bar = -xbar * vn / (r.bc2 * r.bc2);
       const C ghbar = r.b1c * mbar + C(2) * r.b2c * gh * vbar;
-      E::store(dm + i, r.b1 * mbar);
-      E::store(dv + i, r.b2 * vbar);
+      if (dm != nullptr) E::store(dm + i, r.b1 * mbar);  // loop-invariant: unswitched
+      if (dv != nullptr) E::store(dv + i, r.b2 * vbar);
       E::store(dg + i, r.sign * ghbar);
       C lr_bar = abar / r.bc1;
       if constexpr (kDecoupled) {
@@ -205,13 +206,15 @@ void adam_backward_typed(const BatchedStep& s, const BatchedGrad& gr, int64_t be
     double sums[kAdamHypers] = {};
     adam_backward_row<T, kHasLr, kDecoupled, kEpsRoot>(
         adam_row<C>(s, t), n, row_or_zeros<T>(s.param, o, s),
-        static_cast<const T*>(s.grad) + o, static_cast<const T*>(s.state[0]) + o,
-        static_cast<const T*>(s.state[1]) + o,
+        static_cast<const T*>(s.grad) + o, row_or_zeros<T>(s.state[0], o, s),
+        row_or_zeros<T>(s.state[1], o, s),
         kHasLr ? static_cast<const T*>(s.lr) + t * s.lr_task_stride + begin : nullptr,
         row_or_zeros<T>(gr.grad_param_out, o, s), row_or_zeros<T>(gr.grad_state_out[0], o, s),
         row_or_zeros<T>(gr.grad_state_out[1], o, s), static_cast<T*>(gr.grad_param) + o,
-        static_cast<T*>(gr.grad_grad) + o, static_cast<T*>(gr.grad_state[0]) + o,
-        static_cast<T*>(gr.grad_state[1]) + o,
+        static_cast<T*>(gr.grad_grad) + o,
+        // No gradient is wanted for an absent state: its slot is null and is not written.
+        gr.grad_state[0] ? static_cast<T*>(gr.grad_state[0]) + o : nullptr,
+        gr.grad_state[1] ? static_cast<T*>(gr.grad_state[1]) + o : nullptr,
         kHasLr ? static_cast<T*>(gr.grad_lr) + t * s.lr_task_stride + begin : nullptr, sums);
     for (int h = 0; h < kAdamHypers; ++h) gr.hyper_grad[h * s.tasks + t] += sums[h];
   }

@@ -208,8 +208,10 @@ class _AdamRule(tl.StepRule):
 
     def reference(self, cfg, param, grad, states, hyper):
         f = cfg.flags
+        zeros = None if len(states) == 2 else torch.zeros_like(grad)  # absent: a zero state
         new_p, m, v, _ = adam_step_reference(
-            param, grad, states["exp_avg"], states["exp_avg_sq"], step=f["step"],
+            param, grad, states.get("exp_avg", zeros), states.get("exp_avg_sq", zeros),
+            step=f["step"],
             maximize=f["maximize"], decoupled_weight_decay=f["decoupled_weight_decay"], **hyper,
         )
         return new_p, {"exp_avg": m, "exp_avg_sq": v}
