@@ -14,7 +14,6 @@ minutes on an H200.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

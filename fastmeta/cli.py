@@ -36,7 +36,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("native ISA", info["isa"] or "-"),
         ("native threads", str(info["native_threads"] or "-")
          + ("" if not info["native"] else " (OpenMP)" if info["openmp"] else " (no OpenMP)")),
-        ("triton", info["triton_version"] if info["triton"] else f"missing: {info['triton_error']}"),
+        ("triton",
+         info["triton_version"] if info["triton"] else f"missing: {info['triton_error']}"),
         ("triton interpreter", "on (TRITON_INTERPRET=1)" if info["triton_interpreted"] else "off"),
         ("cuda", torch.cuda.get_device_name(0) if info["cuda"] else "not available"),
         ("FASTMETA_IMPL", info["impl_override"] or "unset (auto)"),

@@ -46,7 +46,8 @@ def _reference_run(params, grads, steps, options):
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("options", OPTIONS,
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_matches_reference_over_steps(impl, dtype, options):
     steps = 4
     params = [torch.randn(s, dtype=dtype) for s in SHAPES]

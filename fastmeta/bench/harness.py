@@ -96,7 +96,8 @@ def stream_floor(
         return None
     arrays = [torch.rand(num_elements) for _ in range(reads)]
     addresses = [a.data_ptr() for a in arrays]
-    return time_fn(lambda: native.stream(addresses, writes, num_elements), min_run_time=min_run_time)
+    return time_fn(lambda: native.stream(addresses, writes, num_elements),
+                   min_run_time=min_run_time)
 
 
 _cuda_copy_bandwidth: float | None = None
@@ -217,7 +218,8 @@ def format_table(rows: list[Row], baselines: list[str]) -> str:
 
 
 def write_json(path: str, benchmark: str, rows: list[Row], extra: dict | None = None) -> None:
-    payload = {"benchmark": benchmark, "machine": machine_info(), "rows": [r.to_json() for r in rows]}
+    payload = {"benchmark": benchmark, "machine": machine_info(),
+               "rows": [r.to_json() for r in rows]}
     if extra:
         payload.update(extra)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -105,8 +105,8 @@ def _fastmeta_step(model, loss_fn, steps: int, outer_lr: float):
 def _row(name: str, make_model: Callable[[], torch.nn.Module], loss_fn, episode, steps: int,
          *, baselines: list[str], min_run_time: float) -> harness.Row:
     torch.manual_seed(0)
-    ours = harness.time_fn(lambda s=_fastmeta_step(make_model(), loss_fn, steps, 1e-3):
-                           s(episode), min_run_time=min_run_time)
+    fastmeta_step = _fastmeta_step(make_model(), loss_fn, steps, 1e-3)
+    ours = harness.time_fn(lambda: fastmeta_step(episode), min_run_time=min_run_time)
     timings: dict[str, harness.Timing | None] = {}
     notes = {}
     makers = {"torch.func vmap": _vmap_step, "eager loop": _eager_step, "higher": _higher_step}

@@ -90,7 +90,8 @@ def sgd_step_(
         _sgd_kernel[(block_tensor.numel(),)](
             tt.address_table(sub_params, device),
             tt.address_table([grads[i] for i in idx], device),
-            tt.address_table([momentum_buffers[i] for i in idx] if momentum_buffers else [], device),
+            tt.address_table([momentum_buffers[i] for i in idx] if momentum_buffers else [],
+                             device),
             block_tensor,
             block_start,
             numels,

@@ -4,7 +4,8 @@
     \\begin{aligned}
     g_t &= \\pm g_t + \\lambda \\theta_{t-1} \\\\
     s_t &= s_{t-1} + g_t^2 \\\\
-    \\theta_t &= \\theta_{t-1} - \\frac{\\gamma}{1 + (t - 1)\\eta} \\frac{g_t}{\\sqrt{s_t} + \\epsilon}
+    \\theta_t &= \\theta_{t-1} - \\frac{\\gamma}{1 + (t - 1)\\eta} \\frac{g_t}{\\sqrt{s_t} +
+        \\epsilon}
     \\end{aligned}
 
 with learning-rate decay η, as ``torch.optim.Adagrad`` defines it (Duchi et al., 2011,

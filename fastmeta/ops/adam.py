@@ -6,7 +6,8 @@
     g_t &= \\pm g_t + \\lambda \\theta_{t-1} \\quad \\text{(Adam, coupled decay)} \\\\
     m_t &= \\beta_1 m_{t-1} + (1 - \\beta_1) g_t \\\\
     v_t &= \\beta_2 v_{t-1} + (1 - \\beta_2) g_t^2 \\\\
-    \\hat v_t &= \\max(\\hat v_{t-1}, v_t) \\ \\text{(amsgrad)}, \\quad \\hat v_t = v_t \\ \\text{(otherwise)} \\\\
+    \\hat v_t &= \\max(\\hat v_{t-1}, v_t) \\ \\text{(amsgrad)}, \\quad \\hat v_t = v_t \\
+        \\text{(otherwise)} \\\\
     \\theta_t &= \\theta_{t-1} - \\frac{\\gamma}{1 - \\beta_1^t}
         \\frac{m_t}{\\sqrt{\\hat v_t / (1 - \\beta_2^t) + \\epsilon_{root}} + \\epsilon}
     \\end{aligned}

@@ -3,8 +3,10 @@
 .. math::
     \\begin{aligned}
     d_t &= \\pm g_t + \\lambda \\theta_{t-1} \\\\
-    b_t &= d_t \\ \\text{(first step)}, \\qquad b_t = \\mu b_{t-1} + (1-\\tau) d_t \\ \\text{(later)} \\\\
-    d_t &\\leftarrow d_t + \\mu b_t \\ \\text{(Nesterov)}, \\qquad d_t \\leftarrow b_t \\ \\text{(momentum)} \\\\
+    b_t &= d_t \\ \\text{(first step)}, \\qquad b_t = \\mu b_{t-1} + (1-\\tau) d_t \\
+        \\text{(later)} \\\\
+    d_t &\\leftarrow d_t + \\mu b_t \\ \\text{(Nesterov)}, \\qquad d_t \\leftarrow b_t \\
+        \\text{(momentum)} \\\\
     \\theta_t &= \\theta_{t-1} - \\gamma d_t
     \\end{aligned}
 
@@ -21,7 +23,6 @@ import torch
 from fastmeta import backends
 from fastmeta.backends import Impl
 from fastmeta.ops import tensor_lists as tl
-
 
 
 def sgd_step_reference(
@@ -53,7 +54,8 @@ def sgd_step_reference(
             new_buffer = d
         else:
             if momentum_buffer is None:
-                raise ValueError("sgd_step_reference: momentum_buffer is needed after the first step")
+                raise ValueError(
+                    "sgd_step_reference: momentum_buffer is needed after the first step")
             new_buffer = momentum * momentum_buffer + (1 - dampening) * d
         d = d + momentum * new_buffer if nesterov else new_buffer
     return param - lr * d, new_buffer

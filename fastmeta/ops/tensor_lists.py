@@ -47,7 +47,8 @@ def check_params(op: str, params: Sequence[torch.Tensor]) -> torch.device:
                 f"{op}: params[{i}] has dtype {p.dtype}"
                 + (f" ({kind})" if kind else "")
                 + "; supported dtypes are float32, float64, float16 and bfloat16"
-                + (" (view complex params as real with torch.view_as_real)" if kind == "complex" else "")
+                + (" (view complex params as real with torch.view_as_real)"
+                   if kind == "complex" else "")
             )
     return device
 

@@ -13,10 +13,10 @@ from fastmeta.optim.optimizer import (
     FusedOptimizer,
     as_real,
     check_fused_flags,
-    real_grads,
     new_step_counter,
     params_with_grad,
     pick,
+    real_grads,
     run_closure,
     run_plans,
 )

@@ -7,16 +7,16 @@ from collections.abc import Callable
 import torch
 
 from fastmeta.backends import Impl
-from fastmeta.ops.rmsprop import rmsprop_step_
 from fastmeta.ops.prepared import PreparedStep
+from fastmeta.ops.rmsprop import rmsprop_step_
 from fastmeta.optim.optimizer import (
     FusedOptimizer,
     as_real,
     check_fused_flags,
-    real_grads,
     new_step_counter,
     params_with_grad,
     pick,
+    real_grads,
     run_closure,
     run_plans,
 )

@@ -7,15 +7,15 @@ from collections.abc import Callable
 import torch
 
 from fastmeta.backends import Impl
-from fastmeta.ops.sgd import sgd_step_
 from fastmeta.ops.prepared import PreparedStep
+from fastmeta.ops.sgd import sgd_step_
 from fastmeta.optim.optimizer import (
     FusedOptimizer,
     as_real,
     check_fused_flags,
-    real_grads,
     params_with_grad,
     pick,
+    real_grads,
     run_closure,
     run_plans,
 )
