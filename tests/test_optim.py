@@ -354,3 +354,31 @@ def test_prepared_step_refuses_to_run_after_a_param_moved():
     with pytest.raises(RuntimeError, match="moved since this step was prepared"):
         step([torch.ones(8)], lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0,
              nesterov=False, maximize=False, first_step=False)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_step_hooks_and_profiler_label_still_work(info):
+    """fastmeta skips torch's step wrapper when nothing listens; hooks and the profiler must
+    still see every step."""
+    params = _params()
+    opt = info.ours(params, **info.configs[1])
+    calls = []
+    pre = opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    post = opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    glob = register_optimizer_step_post_hook(
+        lambda o, a, k: calls.append("global"))
+    try:
+        _run(opt, params, _grad_sequence(params, 2))
+    finally:
+        pre.remove()
+        post.remove()
+        glob.remove()
+    assert calls == ["pre", "post", "global"] * 2
+    _run(opt, params, _grad_sequence(params, 1))  # no hooks: the fast path
+    assert len(calls) == 6
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _run(opt, params, _grad_sequence(params, 1))
+    names = {e.name for e in prof.events()}
+    assert f"Optimizer.step#{info.ours.__name__}.step" in names
