@@ -22,10 +22,10 @@ import traceback
 import torch
 
 from fastmeta import functional
-from fastmeta.bench import harness
+from fastmeta.bench import harness, inner
 from fastmeta.bench.optimizers import TORCH_VARIANTS, bench_optimizer
 from fastmeta.ops.adagrad import adagrad_step_
-from fastmeta.ops.adam import adam_step_, adam_step_reference
+from fastmeta.ops.adam import adam_step_
 from fastmeta.ops.rmsprop import rmsprop_step_
 from fastmeta.ops.sgd import sgd_step_
 
@@ -125,39 +125,6 @@ def check_differentiable() -> list[dict]:
     return results
 
 
-def time_differentiable_adam(tasks: int = 8, n: int = 1 << 20) -> harness.Row:
-    theta = torch.randn(tasks, n, device="cuda", requires_grad=True)
-    g = torch.randn(tasks, n, device="cuda", requires_grad=True)
-    up = torch.randn(tasks, n, device="cuda")
-    zeros = torch.zeros(tasks, n, device="cuda")
-
-    def fused():
-        new, _ = functional.adam(theta, g, None, lr=1e-3, eps_root=1e-16)
-        torch.autograd.grad(new, (theta, g), up)
-
-    def eager():
-        new = adam_step_reference(theta, g, zeros, zeros, step=1, lr=1e-3, eps_root=1e-16)[0]
-        torch.autograd.grad(new, (theta, g), up)
-
-    def one_task(p, gr, m, v):
-        return adam_step_reference(p, gr, m, v, step=1, lr=1e-3, eps_root=1e-16)[0]
-
-    vmapped = torch.func.vmap(one_task)
-
-    def with_vmap():
-        new = vmapped(theta, g, zeros, zeros)
-        torch.autograd.grad(new, (theta, g), up)
-
-    # Forward reads p, g and writes p', m', v'; backward reads upstream (+ g) and writes dp, dg.
-    nbytes = tasks * n * 4 * (2 + 3 + 2 + 2)
-    return harness.Row(
-        name=f"diff. Adam step [{tasks}, {n}] fwd+bwd", ours=harness.time_fn(fused, device="cuda"),
-        baselines={"eager autograd": harness.time_fn(eager, device="cuda"),
-                   "torch.func vmap": harness.time_fn(with_vmap, device="cuda")},
-        floor=harness.cuda_copy_floor(nbytes), notes={"bytes": nbytes},
-    )
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -192,7 +159,7 @@ def main() -> int:
         except Exception:
             traceback.print_exc()
     try:
-        rows.append(time_differentiable_adam())
+        rows += list(inner.adam_step_rows(min_run_time=0, device="cuda"))
     except Exception:
         traceback.print_exc()
     table = harness.format_table(rows, list(TORCH_VARIANTS) + ["eager autograd",

@@ -13,25 +13,16 @@ import fastmeta
 from fastmeta import backends
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cmd_info(args: argparse.Namespace) -> int:
+    from fastmeta.bench.harness import cpu_model
+
     info = backends.available()
     rows = [
         ("fastmeta", fastmeta.__version__),
         ("python", platform.python_version()),
         ("torch", torch.__version__),
         ("torch threads", str(torch.get_num_threads())),
-        ("cpu", _cpu_model()),
+        ("cpu", cpu_model()),
         ("native (fastmeta._C)", "built" if info["native"] else f"missing: {info['native_error']}"),
         ("native ISA", info["isa"] or "-"),
         ("native threads", str(info["native_threads"] or "-")

@@ -30,18 +30,18 @@ def _eager_adam(theta, g, m, v, *, lr, betas, eps, eps_root):
     return new, m2, v2
 
 
-def adam_step_rows(*, min_run_time: float, tasks: int = 8, n: int = 1 << 20
-                   ) -> Iterator[harness.Row]:
+def adam_step_rows(*, min_run_time: float, tasks: int = 8, n: int = 1 << 20,
+                   device: str = "cpu") -> Iterator[harness.Row]:
     gen = torch.Generator().manual_seed(0)
-    theta = torch.randn(tasks, n, generator=gen, requires_grad=True)
-    g = torch.randn(tasks, n, generator=gen, requires_grad=True)
-    upstream = torch.randn(tasks, n, generator=gen)
+    theta = torch.randn(tasks, n, generator=gen).to(device).requires_grad_()
+    g = torch.randn(tasks, n, generator=gen).to(device).requires_grad_()
+    upstream = torch.randn(tasks, n, generator=gen).to(device)
 
     def fused():
         new, _ = functional.adam(theta, g, None, **ADAM_HYPER)
         torch.autograd.grad(new, (theta, g), upstream)
 
-    zeros = torch.zeros(tasks, n)
+    zeros = torch.zeros(tasks, n, device=device)
 
     def eager():
         new, _, _ = _eager_adam(theta, g, zeros, zeros, **ADAM_HYPER)
@@ -55,12 +55,16 @@ def adam_step_rows(*, min_run_time: float, tasks: int = 8, n: int = 1 << 20
     def with_vmap():
         torch.autograd.grad(vmapped(theta, g, zeros, zeros), (theta, g), upstream)
 
-    ours = harness.time_fn(fused, min_run_time=min_run_time)
+    def timed(fn):
+        return harness.time_fn(fn, min_run_time=min_run_time, device=device)
+
+    # Forward reads p, g and writes p', m', v'; backward reads the upstream and g, writes dp, dg.
+    nbytes = tasks * n * 4 * (2 + 3 + 2 + 2)
     yield harness.Row(
-        name=f"diff. Adam step [{tasks}, {n}] fwd+bwd", ours=ours,
-        baselines={"eager autograd": harness.time_fn(eager, min_run_time=min_run_time),
-                   "torch.func vmap": harness.time_fn(with_vmap, min_run_time=min_run_time)},
-        notes={"tasks": tasks, "numel": n},
+        name=f"diff. Adam step [{tasks}, {n}] fwd+bwd", ours=timed(fused),
+        baselines={"eager autograd": timed(eager), "torch.func vmap": timed(with_vmap)},
+        floor=harness.cuda_copy_floor(nbytes) if device == "cuda" else None,
+        notes={"tasks": tasks, "numel": n, "bytes": nbytes},
     )
 
 

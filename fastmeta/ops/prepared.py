@@ -132,12 +132,9 @@ class PreparedStep:
             raise ValueError(f"{self.op}: grads has {len(grads)} tensors but params has "
                              f"{len(self.params)}")
         if not from_params:
-            for i, g in enumerate(grads):
-                if g.shape != self._shapes[i] or g.dtype != self._dtype_objs[i] or not g.is_cpu:
-                    tl.check_like_params(self.op, "grads", grads, self.params)
-            for g in grads:
-                if g.is_sparse:
-                    tl.check_like_params(self.op, "grads", grads, self.params)
+            for g, shape, dtype in zip(grads, self._shapes, self._dtype_objs):
+                if g.shape != shape or g.dtype != dtype or not g.is_cpu or g.is_sparse:
+                    tl.check_like_params(self.op, "grads", grads, self.params)  # raises
         if all([g.is_contiguous() for g in grads]):
             self._keepalive = []
             return [g.data_ptr() for g in grads]
