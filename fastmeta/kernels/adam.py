@@ -41,10 +41,7 @@ def _adam_kernel(
     MAXIMIZE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offsets < tl.load(numels + t)
+    t, offsets, mask = tt.program_block(block_tensor, block_start, numels, BLOCK)
     p_ptr = tl.load(param_addrs + t).to(tl.pointer_type(ELEM))
     g_ptr = tl.load(grad_addrs + t).to(tl.pointer_type(ELEM))
     m_ptr = tl.load(exp_avg_addrs + t).to(tl.pointer_type(ELEM))

@@ -26,6 +26,16 @@ TRITON_DTYPES = {
 assert set(TRITON_DTYPES) == set(DTYPE_CODES)
 
 
+@triton.jit
+def program_block(block_tensor, block_start, numels, BLOCK: tl.constexpr):
+    """The tensor, element offsets and bounds mask of this program's block of a multi-tensor
+    launch (see :func:`block_table`)."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    return t, offsets, offsets < tl.load(numels + t)
+
+
 def group_by_dtype(count: int, dtypes: Sequence[torch.dtype]) -> dict[torch.dtype, list[int]]:
     """Indices of the tensors of each dtype: one launch per dtype present in the list."""
     groups: dict[torch.dtype, list[int]] = {}
