@@ -95,6 +95,9 @@ static void adagrad_backward_row(const AdagradRow<typename Elem<T>::C> r, int64_
   C t_lr[kReduceBlock], t_decay[kReduceBlock], t_wd[kReduceBlock], t_eps[kReduceBlock];
   for (int64_t j = 0; j < n; j += kReduceBlock) {
     const int64_t len = n - j < kReduceBlock ? n - j : kReduceBlock;
+    // The arrays are distinct (__restrict), but once this row is inlined GCC wants more
+    // run-time alias checks than it allows and leaves the loop scalar (8x slower).
+    FASTMETA_IVDEP
     for (int64_t k = 0; k < len; ++k) {
       const int64_t i = j + k;
       const C pi = E::load(p + i);
@@ -113,8 +116,8 @@ static void adagrad_backward_row(const AdagradRow<typename Elem<T>::C> r, int64_
       const C sbar = E::load(gso + i) + (denbar == C(0) ? C(0) : ratio);
       const C ghbar = -clr * gp / den + C(2) * gh * sbar;
       E::store(ds + i, sbar);
-      E::store(dg + i, r.sign * ghbar);
-      E::store(dp + i, gp + r.wd * ghbar);
+      if (dg != nullptr) E::store(dg + i, r.sign * ghbar);  // loop-invariant: unswitched
+      if (dp != nullptr) E::store(dp + i, gp + r.wd * ghbar);
       if constexpr (kHasLr) E::store(dlr + i, E::load(dlr + i) + clr_bar / r.k);
       else t_lr[k] = clr_bar / r.k;
       t_decay[k] = clr_bar * (-lri * r.steps_before / (r.k * r.k));
@@ -140,7 +143,7 @@ void adagrad_backward_typed(const BatchedStep& s, const BatchedGrad& gr, int64_t
         static_cast<const T*>(s.grad) + o, static_cast<const T*>(s.state[0]) + o,
         kHasLr ? static_cast<const T*>(s.lr) + t * s.lr_task_stride + begin : nullptr,
         row_or_zeros<T>(gr.grad_param_out, o, s), row_or_zeros<T>(gr.grad_state_out[0], o, s),
-        static_cast<T*>(gr.grad_param) + o, static_cast<T*>(gr.grad_grad) + o,
+        optional_row<T>(gr.grad_param, o), optional_row<T>(gr.grad_grad, o),
         static_cast<T*>(gr.grad_state[0]) + o,
         kHasLr ? static_cast<T*>(gr.grad_lr) + t * s.lr_task_stride + begin : nullptr, sums);
     for (int h = 0; h < kAdagradHypers; ++h) gr.hyper_grad[h * s.tasks + t] += sums[h];

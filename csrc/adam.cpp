@@ -143,6 +143,9 @@ static void adam_backward_row(const AdamRow<typename Elem<T>::C> r, int64_t n,
       t_wd[kReduceBlock], t_er[kReduceBlock];
   for (int64_t j = 0; j < n; j += kReduceBlock) {
     const int64_t len = n - j < kReduceBlock ? n - j : kReduceBlock;
+    // The arrays are distinct (__restrict), but once this row is inlined GCC wants more
+    // run-time alias checks than it allows and leaves the loop scalar (8x slower).
+    FASTMETA_IVDEP
     for (int64_t k = 0; k < len; ++k) {
       const int64_t i = j + k;
       const C pi = E::load(p + i);
@@ -172,14 +175,14 @@ static void adam_backward_row(const AdamRow<typename Elem<T>::C> r, int64_t n,
       const C ghbar = r.b1c * mbar + C(2) * r.b2c * gh * vbar;
       if (dm != nullptr) E::store(dm + i, r.b1 * mbar);  // loop-invariant: unswitched
       if (dv != nullptr) E::store(dv + i, r.b2 * vbar);
-      E::store(dg + i, r.sign * ghbar);
+      if (dg != nullptr) E::store(dg + i, r.sign * ghbar);
       C lr_bar = abar / r.bc1;
       if constexpr (kDecoupled) {
-        E::store(dp + i, gp * (C(1) - lri * r.wd));
+        if (dp != nullptr) E::store(dp + i, gp * (C(1) - lri * r.wd));
         lr_bar = lr_bar - r.wd * pi * gp;
         t_wd[k] = -lri * pi * gp;
       } else {
-        E::store(dp + i, gp + r.wd * ghbar);
+        if (dp != nullptr) E::store(dp + i, gp + r.wd * ghbar);
         t_wd[k] = ghbar * pi;
       }
       if constexpr (kHasLr) E::store(dlr + i, E::load(dlr + i) + lr_bar);
@@ -210,8 +213,8 @@ void adam_backward_typed(const BatchedStep& s, const BatchedGrad& gr, int64_t be
         row_or_zeros<T>(s.state[1], o, s),
         kHasLr ? static_cast<const T*>(s.lr) + t * s.lr_task_stride + begin : nullptr,
         row_or_zeros<T>(gr.grad_param_out, o, s), row_or_zeros<T>(gr.grad_state_out[0], o, s),
-        row_or_zeros<T>(gr.grad_state_out[1], o, s), static_cast<T*>(gr.grad_param) + o,
-        static_cast<T*>(gr.grad_grad) + o,
+        row_or_zeros<T>(gr.grad_state_out[1], o, s), optional_row<T>(gr.grad_param, o),
+        optional_row<T>(gr.grad_grad, o),
         // No gradient is wanted for an absent state: its slot is null and is not written.
         gr.grad_state[0] ? static_cast<T*>(gr.grad_state[0]) + o : nullptr,
         gr.grad_state[1] ? static_cast<T*>(gr.grad_state[1]) + o : nullptr,

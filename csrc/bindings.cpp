@@ -344,8 +344,8 @@ void batched_backward(BackwardKernel kernel, int num_hypers, int64_t param, int6
   s.zeros = zeros.data();
   check_list(grad_states_out, states.size(), "grad_states_out", false);
   check_list(grad_states, states.size(), "grad_states", false);
-  if (grad_param == 0 || grad_grad == 0 || hyper_grad == 0)
-    throw std::invalid_argument("grad_param, grad_grad and hyper_grad must not be null");
+  // grad_param and grad_grad may be null: that gradient is not wanted and is not written.
+  if (hyper_grad == 0) throw std::invalid_argument("hyper_grad must not be null");
   if ((lr == 0) != (grad_lr == 0)) throw std::invalid_argument("lr and grad_lr go together");
   BatchedGrad base{};
   base.grad_param_out = as_ptr(grad_param_out);

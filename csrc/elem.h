@@ -13,6 +13,14 @@
 #error "fastmeta needs a compiler with _Float16 (GCC >= 12 or Clang >= 15)"
 #endif
 
+// Asserts that the next loop has no loop-carried memory dependences (it vectorizes without
+// run-time alias checks). Clang has its own spelling.
+#if defined(__clang__)
+#define FASTMETA_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#else
+#define FASTMETA_IVDEP _Pragma("GCC ivdep")
+#endif
+
 namespace fastmeta {
 
 struct bfloat16 {
@@ -85,6 +93,12 @@ static inline double fm_pow(double x, double y) { return __builtin_pow(x, y); }
 template <typename T>
 static inline const T* row_or_zeros(const void* base, int64_t o, const BatchedStep& s) {
   return base ? static_cast<const T*>(base) + o : static_cast<const T*>(s.zeros);
+}
+
+// Row segment of an optional output at element offset o, or nullptr when it is not wanted.
+template <typename T>
+static inline T* optional_row(void* base, int64_t o) {
+  return base ? static_cast<T*>(base) + o : nullptr;
 }
 
 // Columns per reduction block: the per-element hyperparameter-gradient terms of one block sit

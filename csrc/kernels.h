@@ -97,8 +97,8 @@ struct BatchedStep {
 struct BatchedGrad {
   const void* grad_param_out;           // incoming ∂L/∂θ', nullptr = 0
   const void* grad_state_out[kMaxStates];  // incoming ∂L/∂state', nullptr = 0
-  void* grad_param;                     // outgoing, all [T, N]; written for every element
-  void* grad_grad;
+  void* grad_param;                     // outgoing, all [T, N]; nullptr = not wanted
+  void* grad_grad;                      // outgoing [T, N]; nullptr = not wanted
   void* grad_state[kMaxStates];         // nullptr when the input state is absent
   void* grad_lr;                        // per-element ∂L/∂lr (shape of lr, zeroed: added to)
   double* hyper_grad;                   // [H][tasks] partial sums of this chunk (zeroed)

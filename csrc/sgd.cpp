@@ -117,6 +117,9 @@ static void sgd_backward_row(const SgdRow<typename Elem<T>::C> r, int64_t n,
   C t_lr[kReduceBlock], t_wd[kReduceBlock], t_mu[kReduceBlock], t_damp[kReduceBlock];
   for (int64_t j = 0; j < n; j += kReduceBlock) {
     const int64_t len = n - j < kReduceBlock ? n - j : kReduceBlock;
+    // The arrays are distinct (__restrict), but once this row is inlined GCC wants more
+    // run-time alias checks than it allows and leaves the loop scalar (8x slower).
+    FASTMETA_IVDEP
     for (int64_t k = 0; k < len; ++k) {
       const int64_t i = j + k;
       const C pi = E::load(p + i);
@@ -142,8 +145,8 @@ static void sgd_backward_row(const SgdRow<typename Elem<T>::C> r, int64_t n,
         }
         if constexpr (kNesterov) mu_bar = mu_bar + ubar * bn;
       }
-      E::store(dp + i, gp + r.wd * dbar);
-      E::store(dg + i, r.sign * dbar);
+      if (dp != nullptr) E::store(dp + i, gp + r.wd * dbar);  // loop-invariant: unswitched
+      if (dg != nullptr) E::store(dg + i, r.sign * dbar);
       const C lr_bar = -gp * u;
       if constexpr (kHasLr) E::store(dlr + i, E::load(dlr + i) + lr_bar);
       else t_lr[k] = lr_bar;
@@ -171,7 +174,7 @@ void sgd_backward_typed(const BatchedStep& s, const BatchedGrad& gr, int64_t beg
         row_or_zeros<T>(s.state[0], o, s),
         kHasLr ? static_cast<const T*>(s.lr) + t * s.lr_task_stride + begin : nullptr,
         row_or_zeros<T>(gr.grad_param_out, o, s), row_or_zeros<T>(gr.grad_state_out[0], o, s),
-        static_cast<T*>(gr.grad_param) + o, static_cast<T*>(gr.grad_grad) + o,
+        optional_row<T>(gr.grad_param, o), optional_row<T>(gr.grad_grad, o),
         gr.grad_state[0] ? static_cast<T*>(gr.grad_state[0]) + o : nullptr,
         kHasLr ? static_cast<T*>(gr.grad_lr) + t * s.lr_task_stride + begin : nullptr, sums);
     for (int h = 0; h < kSgdHypers; ++h) gr.hyper_grad[h * s.tasks + t] += sums[h];

@@ -159,6 +159,7 @@ def _adagrad_batched_backward_kernel(
     tasks, numel, lr_stride, step, programs,
     COMPUTE: tl.constexpr, HAS_PARAM: tl.constexpr, HAS_LR: tl.constexpr,
     HAS_GP: tl.constexpr, HAS_GS: tl.constexpr, MAXIMIZE: tl.constexpr,
+    WANT_DP: tl.constexpr, WANT_DG: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -196,8 +197,10 @@ def _adagrad_batched_backward_kernel(
             sbar += tl.load(grad_state_sum_out + offs, mask=mask).to(COMPUTE)
         ghbar = -clr * gp / den + 2.0 * gh * sbar
         tl.store(d_state_sum + offs, sbar.to(d_state_sum.dtype.element_ty), mask=mask)
-        tl.store(d_grad + offs, (sign * ghbar).to(d_grad.dtype.element_ty), mask=mask)
-        tl.store(d_param + offs, (gp + wd * ghbar).to(d_param.dtype.element_ty), mask=mask)
+        if WANT_DG:
+            tl.store(d_grad + offs, (sign * ghbar).to(d_grad.dtype.element_ty), mask=mask)
+        if WANT_DP:
+            tl.store(d_param + offs, (gp + wd * ghbar).to(d_param.dtype.element_ty), mask=mask)
         lr_bar = tl.where(mask, clr_bar / k, 0.0)
         if HAS_LR:
             if lr_stride == 0:
@@ -249,11 +252,13 @@ def step_backward(rule, param, grad, states, grad_param_out, grad_states_out, d_
     partial = tt.hyper_partials(d_table, programs)
     _adagrad_batched_backward_kernel[(programs,)](
         tt.or_dummy(param, grad), grad, states[0], tt.or_dummy(grad_param_out, grad),
-        tt.or_dummy(grad_states_out[0], grad), d_param, d_grad, d_states[0],
+        tt.or_dummy(grad_states_out[0], grad), tt.or_dummy(d_param, grad),
+        tt.or_dummy(d_grad, grad), d_states[0],
         tt.or_dummy(d_lr, grad), partial, table, tt.or_dummy(lr, grad), tasks, numel,
         tt.lr_stride(lr, numel), float(step), programs,
         COMPUTE=tt.compute_type(grad.dtype), HAS_PARAM=param is not None,
         HAS_LR=lr is not None, HAS_GP=grad_param_out is not None,
+        WANT_DP=d_param is not None, WANT_DG=d_grad is not None,
         HAS_GS=grad_states_out[0] is not None, MAXIMIZE=bool(flags & ops_tl.FLAG_MAXIMIZE),
         BLOCK=BATCHED_BLOCK,
     )

@@ -216,6 +216,7 @@ def _adam_batched_backward_kernel(
     tasks, numel, lr_stride, step, programs,
     COMPUTE: tl.constexpr, HAS_PARAM: tl.constexpr, HAS_LR: tl.constexpr,
     HAS_GP: tl.constexpr, HAS_GM: tl.constexpr, HAS_GV: tl.constexpr,
+    WANT_DP: tl.constexpr, WANT_DG: tl.constexpr,
     DECOUPLED: tl.constexpr, EPS_ROOT: tl.constexpr, MAXIMIZE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -282,7 +283,8 @@ def _adam_batched_backward_kernel(
         ghbar = (1.0 - b1) * mbar + 2.0 * (1.0 - b2) * gh * vbar
         tl.store(d_exp_avg + offs, (b1 * mbar).to(d_exp_avg.dtype.element_ty), mask=mask)
         tl.store(d_exp_avg_sq + offs, (b2 * vbar).to(d_exp_avg_sq.dtype.element_ty), mask=mask)
-        tl.store(d_grad + offs, (sign * ghbar).to(d_grad.dtype.element_ty), mask=mask)
+        if WANT_DG:
+            tl.store(d_grad + offs, (sign * ghbar).to(d_grad.dtype.element_ty), mask=mask)
         if DECOUPLED:
             dp = gp * (1.0 - lr_t * wd)
             lr_bar = abar / bc1 - wd * p * gp
@@ -291,7 +293,8 @@ def _adam_batched_backward_kernel(
             dp = gp + wd * ghbar
             lr_bar = abar / bc1
             wd_bar = ghbar * p
-        tl.store(d_param + offs, dp.to(d_param.dtype.element_ty), mask=mask)
+        if WANT_DP:
+            tl.store(d_param + offs, dp.to(d_param.dtype.element_ty), mask=mask)
         lr_bar = tl.where(mask, lr_bar, 0.0)
         if HAS_LR:
             if lr_stride == 0:
@@ -350,11 +353,13 @@ def step_backward(rule, param, grad, states, grad_param_out, grad_states_out, d_
     _adam_batched_backward_kernel[(programs,)](
         tt.or_dummy(param, grad), grad, states[0], states[1],
         tt.or_dummy(grad_param_out, grad), tt.or_dummy(grad_states_out[0], grad),
-        tt.or_dummy(grad_states_out[1], grad), d_param, d_grad, d_states[0], d_states[1],
+        tt.or_dummy(grad_states_out[1], grad), tt.or_dummy(d_param, grad),
+        tt.or_dummy(d_grad, grad), d_states[0], d_states[1],
         tt.or_dummy(d_lr, grad), partial, table, tt.or_dummy(lr, grad), tasks, numel,
         tt.lr_stride(lr, numel), float(step), programs,
         COMPUTE=tt.compute_type(grad.dtype), HAS_PARAM=param is not None,
         HAS_LR=lr is not None, HAS_GP=grad_param_out is not None,
+        WANT_DP=d_param is not None, WANT_DG=d_grad is not None,
         HAS_GM=grad_states_out[0] is not None, HAS_GV=grad_states_out[1] is not None,
         DECOUPLED=bool(flags & ops_tl.FLAG_DECOUPLED), EPS_ROOT=bool(flags & ops_tl.FLAG_EPS_ROOT),
         MAXIMIZE=bool(flags & ops_tl.FLAG_MAXIMIZE), BLOCK=BATCHED_BLOCK,

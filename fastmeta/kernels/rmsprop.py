@@ -203,6 +203,7 @@ def _rmsprop_batched_backward_kernel(
     tasks, numel, lr_stride, programs,
     COMPUTE: tl.constexpr, HAS_PARAM: tl.constexpr, HAS_LR: tl.constexpr,
     HAS_GP: tl.constexpr, HAS_GV: tl.constexpr, HAS_GB: tl.constexpr, HAS_GA: tl.constexpr,
+    WANT_DP: tl.constexpr, WANT_DG: tl.constexpr,
     MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, MAXIMIZE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -273,8 +274,10 @@ def _rmsprop_batched_backward_kernel(
             alpha_bar += abar * (a - gh)
             tl.store(d_grad_avg + offs, (alpha * abar).to(d_grad_avg.dtype.element_ty), mask=mask)
         tl.store(d_square_avg + offs, (alpha * vbar).to(d_square_avg.dtype.element_ty), mask=mask)
-        tl.store(d_grad + offs, (sign * ghbar).to(d_grad.dtype.element_ty), mask=mask)
-        tl.store(d_param + offs, (gp + wd * ghbar).to(d_param.dtype.element_ty), mask=mask)
+        if WANT_DG:
+            tl.store(d_grad + offs, (sign * ghbar).to(d_grad.dtype.element_ty), mask=mask)
+        if WANT_DP:
+            tl.store(d_param + offs, (gp + wd * ghbar).to(d_param.dtype.element_ty), mask=mask)
         lr_bar = tl.where(mask, lr_bar, 0.0)
         if HAS_LR:
             if lr_stride == 0:
@@ -333,11 +336,13 @@ def step_backward(rule, param, grad, states, grad_param_out, grad_states_out, d_
         tt.or_dummy(param, grad), grad, states[0], tt.or_dummy(states[1], grad),
         tt.or_dummy(states[2], grad), tt.or_dummy(grad_param_out, grad),
         tt.or_dummy(grad_states_out[0], grad), tt.or_dummy(grad_states_out[1], grad),
-        tt.or_dummy(grad_states_out[2], grad), d_param, d_grad, d_states[0],
+        tt.or_dummy(grad_states_out[2], grad), tt.or_dummy(d_param, grad),
+        tt.or_dummy(d_grad, grad), d_states[0],
         tt.or_dummy(d_states[1], grad), tt.or_dummy(d_states[2], grad), tt.or_dummy(d_lr, grad),
         partial, table, tt.or_dummy(lr, grad), tasks, numel, tt.lr_stride(lr, numel), programs,
         COMPUTE=tt.compute_type(grad.dtype), HAS_PARAM=param is not None,
         HAS_LR=lr is not None, HAS_GP=grad_param_out is not None,
+        WANT_DP=d_param is not None, WANT_DG=d_grad is not None,
         HAS_GV=grad_states_out[0] is not None, HAS_GB=grad_states_out[1] is not None,
         HAS_GA=grad_states_out[2] is not None,
         MOMENTUM=bool(flags & ops_tl.FLAG_MOMENTUM), CENTERED=bool(flags & ops_tl.FLAG_CENTERED),

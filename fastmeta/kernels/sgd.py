@@ -175,6 +175,7 @@ def _sgd_batched_backward_kernel(
     tasks, numel, lr_stride, programs,
     COMPUTE: tl.constexpr, HAS_PARAM: tl.constexpr, HAS_LR: tl.constexpr,
     HAS_GP: tl.constexpr, HAS_GB: tl.constexpr, HAS_DB: tl.constexpr,
+    WANT_DP: tl.constexpr, WANT_DG: tl.constexpr,
     MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -238,8 +239,10 @@ def _sgd_batched_backward_kernel(
                 else:
                     tl.store(d_buf + offs, (mu * bbar).to(d_buf.dtype.element_ty), mask=mask)
         lr_bar = tl.where(mask, -gp * u, 0.0)
-        tl.store(d_param + offs, (gp + wd * dbar).to(d_param.dtype.element_ty), mask=mask)
-        tl.store(d_grad + offs, (sign * dbar).to(d_grad.dtype.element_ty), mask=mask)
+        if WANT_DP:
+            tl.store(d_param + offs, (gp + wd * dbar).to(d_param.dtype.element_ty), mask=mask)
+        if WANT_DG:
+            tl.store(d_grad + offs, (sign * dbar).to(d_grad.dtype.element_ty), mask=mask)
         if HAS_LR:
             if lr_stride == 0:
                 lr_acc += lr_bar
@@ -290,11 +293,13 @@ def step_backward(rule, param, grad, states, grad_param_out, grad_states_out, d_
     partial = tt.hyper_partials(d_table, programs)
     _sgd_batched_backward_kernel[(programs,)](
         tt.or_dummy(param, grad), grad, tt.or_dummy(states[0], grad),
-        tt.or_dummy(grad_param_out, grad), tt.or_dummy(grad_states_out[0], grad), d_param,
-        d_grad, tt.or_dummy(d_states[0], grad), tt.or_dummy(d_lr, grad), partial, table,
+        tt.or_dummy(grad_param_out, grad), tt.or_dummy(grad_states_out[0], grad),
+        tt.or_dummy(d_param, grad), tt.or_dummy(d_grad, grad), tt.or_dummy(d_states[0], grad),
+        tt.or_dummy(d_lr, grad), partial, table,
         tt.or_dummy(lr, grad), tasks, numel, tt.lr_stride(lr, numel), programs,
         COMPUTE=tt.compute_type(grad.dtype), HAS_PARAM=param is not None,
         HAS_LR=lr is not None, HAS_GP=grad_param_out is not None,
+        WANT_DP=d_param is not None, WANT_DG=d_grad is not None,
         HAS_GB=grad_states_out[0] is not None, HAS_DB=d_states[0] is not None,
         MOMENTUM=bool(flags & ops_tl.FLAG_MOMENTUM), FIRST=bool(flags & ops_tl.FLAG_FIRST_STEP),
         NESTEROV=bool(flags & ops_tl.FLAG_NESTEROV), MAXIMIZE=bool(flags & ops_tl.FLAG_MAXIMIZE),

@@ -582,8 +582,14 @@ def _kernel_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs):
     param_c = param.contiguous() if param is not None else None
     grad_c = grad.contiguous()
     states_c = [s.contiguous() if s is not None else None for s in states]
-    d_param = torch.empty_like(grad_c)  # always written: the kernel's outputs are not optional
-    d_grad = torch.empty_like(grad_c)
+    # Only the wanted input gradients are allocated and written: on large buffers each fresh
+    # output costs its page faults as well as its bytes. Without weight decay (the number 0)
+    # every rule has ∂θ'/∂θ = I, so θ̄ is the incoming θ̄' itself and the kernel skips it.
+    identity_param_vjp = not cfg.needs_param
+    d_param = None
+    if needs[0] and not identity_param_vjp:
+        d_param = torch.empty_like(grad_c)
+    d_grad = torch.empty_like(grad_c) if needs[1] else None
     d_states = [torch.empty_like(grad_c) if s is not None else None for s in states]
     table = hyper_table(cfg, rule.hyper_names, hypers, tasks, numel, device)
     d_table = torch.zeros_like(table)
@@ -597,7 +603,7 @@ def _kernel_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs):
         getattr(native(), f"{rule.name}_backward")(
             _ptr(param_c), grad_c.data_ptr(), [_ptr(s) for s in states_c],
             _ptr(contiguous[0]), [_ptr(go_states.get(n)) for n in rule.state_names],
-            d_param.data_ptr(), d_grad.data_ptr(), [_ptr(d) for d in d_states], _ptr(d_lr_elem),
+            _ptr(d_param), _ptr(d_grad), [_ptr(d) for d in d_states], _ptr(d_lr_elem),
             d_table.data_ptr(), tasks, numel, DTYPE_CODES[grad.dtype], table.data_ptr(),
             _ptr(lr_elem), _lr_stride(lr_elem, numel), step, rule.flags(cfg),
         )
@@ -613,6 +619,8 @@ def _kernel_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs):
             d_hypers.append(d_lr_elem)
         else:
             d_hypers.append(reduce_hyper_grad(d_table[rule.hyper_names.index(name)], value))
+    if identity_param_vjp and needs[0]:
+        d_param = grad_outputs[0]  # None (no θ̄') reads as zero to autograd
     results = [d_param, d_grad, *d_states, *d_hypers]
     return [r if need else None for r, need in zip(results, needs)]
 
