@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastmeta._autograd import Function
+
 __all__ = ["MUTABLE_BUFFERS", "FlatEntry", "FlatLayout", "buffer_mutating_modules", "flatten"]
 
 #: What to do with a forward that would update module buffers in place.
@@ -331,6 +333,19 @@ class FlatLayout:
         out = flat.unsqueeze(0).expand(tasks, self.numel)
         return out.contiguous() if contiguous else out
 
+    def stack(self, module: nn.Module, tasks: int) -> torch.Tensor:
+        """``module``'s parameters θ repeated as a new contiguous ``[T, N]`` task buffer,
+        differentiable w.r.t. those parameters (the backward sums the T rows).
+
+        The same values as ``expand(torch.cat([p.reshape(-1) ...]), T)``, as one autograd node
+        instead of one per parameter plus two: on small models, where per-node overhead is the
+        cost of a meta-step, that matters.
+        """
+        self.check_module(module)
+        if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+            raise ValueError(f"tasks must be a positive int, got {tasks!r}")
+        return _StackParams.apply(self, tasks, *self._params(module))
+
     def _params(self, module: nn.Module) -> Iterator[torch.Tensor]:
         return (p for _, p in module.named_parameters())
 
@@ -340,6 +355,28 @@ class FlatLayout:
             f"device={self.device}, buffers={len(self.buffer_names)}, "
             f"mutable_buffers={self.mutable_buffers!r})"
         )
+
+
+class _StackParams(Function):
+    """The parameters -> ``[T, N]`` (each row θ); backward: the row sum, split per parameter,
+    with differentiable ops (so it can be differentiated again)."""
+
+    @staticmethod
+    def forward(layout: FlatLayout, tasks: int, *params: torch.Tensor) -> torch.Tensor:
+        out = params[0].new_empty(tasks, layout.numel)
+        for e, p in zip(layout.entries, params):
+            out.narrow(1, e.offset, e.numel).copy_(p.reshape(1, e.numel).expand(tasks, -1))
+        return out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        ctx.layout = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        total = grad.sum(0)
+        return (None, None, *(total.narrow(0, e.offset, e.numel).view(e.shape)
+                              for e in ctx.layout.entries))
 
 
 def flatten(

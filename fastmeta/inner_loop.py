@@ -8,8 +8,11 @@
 
 for every task t, with :math:`\\theta^{(k)}` the ``[T, N]`` buffer. The update is one call for
 all tasks: a ``fastmeta.functional`` rule (one fused kernel) or any torch function. Only the
-gradients are computed per task, with one of two strategies:
+gradients are computed per task, with one of three strategies:
 
+* ``"batched"``: one forward of the model for every task at once, each layer in its
+  task-batched form (``bmm``, grouped convolution; :mod:`fastmeta.batched`), then one
+  ``torch.autograd.grad`` of the summed task losses;
 * ``"vmap"``: ``torch.func.vmap(torch.func.grad_and_value(task_loss))`` over the T rows;
 * ``"loop"``: a Python loop runs the forward of each task on its row's views, then one
   ``torch.autograd.grad`` of the summed loss gives all T gradients (tasks are independent, so
@@ -28,45 +31,47 @@ from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fastmeta.batched import BatchedModule, unsupported
 from fastmeta.flat import FlatLayout, buffer_mutating_modules
 
-__all__ = ["STRATEGIES", "InnerLoopResult", "as_step", "inner_loop", "resolve_strategy"]
+__all__ = ["STRATEGIES", "InnerLoopResult", "as_step", "batched_runner", "inner_loop",
+           "resolve_strategy", "task_losses"]
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, Any, int], "tuple[torch.Tensor, Any]"]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 
-STRATEGIES = ("auto", "vmap", "loop")
+STRATEGIES = ("auto", "batched", "vmap", "loop")
 
 # Models on which "auto" found that vmap cannot run (data-dependent control flow, .item(), an
 # op without a batching rule that cannot fall back): they use the loop from then on. Weak, so
 # the cache never keeps a model alive.
 _VMAP_FAILED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+# One BatchedModule per model (rebuilt when the model's layout is a new one). Weak, as above.
+_RUNNERS: weakref.WeakKeyDictionary[nn.Module, BatchedModule] = weakref.WeakKeyDictionary()
+_SUPPORT: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], list[str]]] = (
+    weakref.WeakKeyDictionary())
 
-# How "auto" was chosen: one timing of each strategy, forward of the inner loop plus the
-# meta-backward, float32, min of 3-5 runs, on the project's shared 2-core CPU dev machine
-# (torch 2.13; noisy, other jobs ran). SGD step ``p - 0.01 * g``.
+# How "auto" was chosen. Batched is the default wherever a model has a task-batched form: its
+# meta-step (MAML, inner loop + query loss + meta-gradient + outer Adam step, float32, T=25,
+# 10-shot sinusoid MLP) ran 1.2-1.75x faster than the same step with vmap, on the project's
+# 2-core CPU while another process shared it (see benchmarks/bench_maml.py for quiet runs);
+# on conv-4 (5-way 1-shot 28x28, T=8, second order) batched, vmap and the loop are within
+# the run-to-run noise of each other (compute-bound: 300-350 ms each). Batched also gets
+# second order right through BatchNorm, which vmap does not. An earlier measurement, before
+# batched existed (vmap ms / loop ms): sinusoid K=1 second order 5.3 / 35.3, first order
+# 3.2 / 16.1, K=5 25.6 / 193.0; conv-4 32 filters T=8 117.8 / 159.3 (first order
+# 40.6 / 62.1). So for models without a batched form "auto" is vmap, which never lost by more
+# than the noise, with no probe: a timing probe at run time would cost two extra inner loops,
+# flip with machine load, and make results (which differ in rounding order between the
+# strategies) change from run to run. Not measured on a GPU.
 #
-#   model                                              K  order   vmap ms   loop ms   loop/vmap
-#   sinusoid MLP 1-40-40-1 ReLU, T=25, 10-shot         1  second      5.3      35.3      6.7x
-#                                                      1  first       3.2      16.1      5.0x
-#                                                      5  second     25.6     193.0      7.5x
-#   conv-4, 32 filters, BN (no running stats), 28x28,  1  second    117.8     159.3      1.35x
-#     5-way 1-shot, T=8                                1  first      40.6      62.1      1.5x
-#   conv-4, 64 filters, same, T=4                      1  second    ~176      ~165      ~0.95x (tie)
-#
-# Small models are bound by per-op overhead, which vmap divides by T; large convolutions are
-# bound by compute, where the two converge (vmap runs a grouped convolution). vmap never lost
-# by more than the noise, so "auto" is vmap, with no probe: a timing probe at run time would
-# cost two extra inner loops, flip with machine load, and make results (which differ in
-# rounding order between the strategies) change from run to run. Not measured on a GPU; there
-# the loop's T-fold kernel launches should favour vmap further.
-#
-# Correctness overrides speed: the conv-4 rows use affine BatchNorm, whose second-order
-# gradients torch gets wrong under vmap (see _wrong_under_vmap_second_order), so "auto" runs
-# those models in the loop when create_graph=True, and in vmap for first order.
+# Correctness overrides speed: affine norm layers other than BatchNorm2d/LayerNorm get wrong
+# second-order gradients under vmap (see _wrong_under_vmap_second_order), so "auto" runs those
+# models in the loop when create_graph=True, and in vmap for first order.
 
 
 class InnerLoopResult(NamedTuple):
@@ -122,10 +127,11 @@ def _wrong_under_vmap_second_order(module: nn.Module) -> list[str]:
 
 
 def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = True) -> str:
-    """Turns ``strategy`` into ``"vmap"`` or ``"loop"`` for this model.
+    """Turns ``strategy`` into ``"batched"``, ``"vmap"`` or ``"loop"`` for this model.
 
-    ``"auto"`` is ``"vmap"`` (faster in every measurement above), except where vmap cannot run
-    or runs wrong; then it is ``"loop"``:
+    ``"auto"`` is ``"batched"`` for a model that :mod:`fastmeta.batched` can run (every layer
+    has a task-batched form; see the measurements above). Otherwise it is ``"vmap"``, except
+    where vmap cannot run or runs wrong; then it is ``"loop"``:
 
     * a forward that updates buffers in place (allowed with ``mutable_buffers="allow"``);
     * second order (``create_graph``) through a norm layer whose second derivatives torch
@@ -133,10 +139,18 @@ def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = T
     * a model on which vmap already failed once in :func:`inner_loop`.
 
     Raises:
-        ValueError: an unknown strategy, or ``"vmap"`` where vmap cannot run or runs wrong.
+        ValueError: an unknown strategy, ``"batched"`` for a model with a layer that has no
+            task-batched form, or ``"vmap"`` where vmap cannot run or runs wrong.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy in ("auto", "batched"):
+        problems = _unsupported_cached(module)
+        if not problems:
+            return "batched"
+        if strategy == "batched":
+            raise ValueError("strategy='batched' cannot run this model: " + "; ".join(problems)
+                             + " (use strategy='vmap' or 'loop')")
     mutates = buffer_mutating_modules(module)
     wrong = _wrong_under_vmap_second_order(module) if create_graph else []
     if strategy == "vmap" and mutates:
@@ -181,6 +195,70 @@ def _scalar(loss: Any) -> torch.Tensor:
         shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f"loss_fn must return one scalar tensor per task, got {shape}")
     return loss
+
+
+def _unsupported_cached(module: nn.Module) -> list[str]:
+    """:func:`fastmeta.batched.unsupported`, recomputed only when the module's submodules or
+    their train/eval modes changed (it is asked on every inner loop)."""
+    key = tuple((id(m), m.training) for m in module.modules())
+    cached = _SUPPORT.get(module)
+    if cached is None or cached[0] != key:
+        cached = _SUPPORT[module] = (key, unsupported(module))
+    return cached[1]
+
+
+def batched_runner(module: nn.Module, layout: FlatLayout) -> BatchedModule:
+    """The (cached) :class:`~fastmeta.batched.BatchedModule` of ``module`` with ``layout``."""
+    runner = _RUNNERS.get(module)
+    if runner is None or runner.layout is not layout:
+        runner = _RUNNERS[module] = BatchedModule(module, layout)
+    return runner
+
+
+def task_losses(loss_fn: LossFn, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    """``[T]``: ``loss_fn(outputs[t], targets[t])`` for every task.
+
+    ``F.mse_loss`` and ``F.cross_entropy`` (themselves, with their defaults: mean reduction)
+    are computed for all tasks with plain batched ops; any other ``loss_fn`` in one vmapped call
+    (a Python loop where vmap cannot run it). vmap costs ~0.3 ms per call here, a tenth of a
+    whole sinusoid meta-step.
+    """
+    tasks = targets.shape[0]
+    if loss_fn is F.mse_loss and isinstance(outputs, torch.Tensor) and (
+            outputs.shape == targets.shape):
+        return (outputs - targets).square().reshape(tasks, -1).mean(1)
+    if (loss_fn is F.cross_entropy and isinstance(outputs, torch.Tensor) and outputs.dim() == 3
+            and targets.dim() == 2 and not targets.is_floating_point()):
+        per_example = F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]),
+                                      targets.reshape(-1), reduction="none")
+        return per_example.view(tasks, -1).mean(1)
+    try:
+        losses = torch.func.vmap(loss_fn)(outputs, targets)
+    except RuntimeError:
+        losses = torch.stack([_scalar(loss_fn(outputs[t], targets[t]))
+                              for t in range(targets.shape[0])])
+    if not isinstance(losses, torch.Tensor) or losses.shape != (targets.shape[0],):
+        raise ValueError("loss_fn must return one scalar tensor per task")
+    return losses
+
+
+def _batched_grads(
+    module: nn.Module,
+    layout: FlatLayout,
+    params: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
+    targets: torch.Tensor,
+    loss_fn: LossFn,
+    create_graph: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if create_graph and params.requires_grad:
+        p = params
+    else:
+        p = params.detach().requires_grad_()
+    losses = task_losses(loss_fn, batched_runner(module, layout)(p, inputs), targets)
+    # Tasks are independent: row t of the gradient of the sum is task t's gradient.
+    (grads,) = torch.autograd.grad(losses.sum(), p, create_graph=create_graph)
+    return grads, (losses if create_graph else losses.detach())
 
 
 def _vmap_grads(
@@ -261,7 +339,8 @@ def inner_loop(
         create_graph: True differentiates through the gradients (second order, MAML);
             False treats them as constants (first order, FOMAML): the result still depends
             on ``params`` through the update, but not through the gradients.
-        strategy: ``"vmap"``, ``"loop"`` or ``"auto"`` (see :func:`resolve_strategy`).
+        strategy: ``"batched"``, ``"vmap"``, ``"loop"`` or ``"auto"`` (see
+            :func:`resolve_strategy`).
         layout: the module's :class:`FlatLayout`, if already built.
 
     Returns:
@@ -327,6 +406,10 @@ def inner_loop(
                     RuntimeWarning,
                     stacklevel=2,
                 )
+        elif chosen == "batched":
+            grads, loss = _batched_grads(
+                module, layout, params, xs, targets, loss_fn, create_graph
+            )
         else:
             grads, loss = _loop_grads(module, layout, params, xs, targets, loss_fn, create_graph)
         losses.append(loss)

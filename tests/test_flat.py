@@ -17,7 +17,7 @@ from tests.tolerances import assert_close
 T = 5  # tasks
 SHOTS = 10
 LR = 0.05
-STRATEGIES = ("vmap", "loop")
+STRATEGIES = ("batched", "vmap", "loop")
 
 
 def sinusoid_mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -278,8 +278,11 @@ def test_second_order_through_affine_norms_avoids_vmap(norm):
     # torch 2.13 differentiates vmap(grad(f)) wrongly through these (O(1) relative error), so
     # auto takes the loop and an explicit vmap refuses; first order is right under vmap.
     net = nn.Sequential(nn.Linear(3, 4), norm)
-    assert resolve_strategy("auto", net, create_graph=True) == "loop"
-    assert resolve_strategy("auto", net, create_graph=False) == "vmap"
+    # LayerNorm has a task-batched form (plain autograd: right to every order), so auto takes
+    # that; the others have none, and auto avoids vmap only for second order.
+    batched = isinstance(norm, nn.LayerNorm)
+    assert resolve_strategy("auto", net, create_graph=True) == ("batched" if batched else "loop")
+    assert resolve_strategy("auto", net, create_graph=False) == ("batched" if batched else "vmap")
     with pytest.raises(ValueError, match="wrong second-order gradients through the norm layers"):
         resolve_strategy("vmap", net, create_graph=True)
     assert resolve_strategy("vmap", net, create_graph=False) == "vmap"
@@ -288,7 +291,7 @@ def test_second_order_through_affine_norms_avoids_vmap(norm):
         resolve_strategy(
             "auto", nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4, elementwise_affine=False))
         )
-        == "vmap"
+        == "batched"
     )
 
 
@@ -476,9 +479,10 @@ def test_auto_falls_back_to_loop_once_when_vmap_cannot_run():
     assert_close(again.params, loop.params)
 
 
-def test_auto_is_vmap_for_plain_models():
-    assert resolve_strategy("auto", sinusoid_mlp()) == "vmap"
-    assert resolve_strategy("auto", small_convnet(), create_graph=False) == "vmap"
+def test_auto_is_batched_for_models_with_a_task_batched_form():
+    assert resolve_strategy("auto", sinusoid_mlp()) == "batched"
+    assert resolve_strategy("auto", small_convnet(), create_graph=True) == "batched"
+    assert resolve_strategy("auto", nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4))) == "vmap"
 
 
 # ---- bad inputs -----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from torch import nn
 from fastmeta import functional
 from fastmeta.backends import Impl
 from fastmeta.flat import FlatLayout
-from fastmeta.inner_loop import as_step, inner_loop, resolve_strategy
+from fastmeta.inner_loop import as_step, batched_runner, inner_loop, resolve_strategy, task_losses
 from fastmeta.tasks.episodes import Episode
 
 __all__ = ["INNER_OPTIMIZERS", "MAML", "MetaOutput"]
@@ -93,8 +93,8 @@ class MAML(nn.Module):
             exactly 0).
         learn_inner_lr: ``False`` (fixed α), ``"scalar"`` (one learned α) or ``"per_param"``
             (Meta-SGD: one learned α per parameter element).
-        strategy: how the inner loop computes per-task gradients: ``"auto"``, ``"vmap"`` or
-            ``"loop"`` (see :func:`fastmeta.inner_loop.resolve_strategy`).
+        strategy: how the inner loop computes per-task gradients: ``"auto"``, ``"batched"``,
+            ``"vmap"`` or ``"loop"`` (see :func:`fastmeta.inner_loop.resolve_strategy`).
         impl: the implementation of the fused inner update (see :mod:`fastmeta.backends`).
 
     Example:
@@ -222,10 +222,11 @@ class MAML(nn.Module):
         if not isinstance(support_x, torch.Tensor) or support_x.dim() < 2:
             raise ValueError("support_x must be a tensor [T, S, ...] with a leading task "
                              "dimension")
-        theta = self.flat_params()
+        tasks = support_x.shape[0]
         if detach:  # evaluation: no graph back to the meta-parameters at all
-            theta = theta.detach()
-        start = self.layout.expand(theta, support_x.shape[0])
+            start = self.layout.expand(self.flat_params().detach(), tasks)
+        else:
+            start = self.layout.stack(self.model, tasks)
         out = inner_loop(self.model, start, support_x, support_y, loss_fn=self.loss_fn,
                          step=self._step_fn(detach=detach), steps=steps,
                          create_graph=create_graph, strategy=self.strategy, layout=self.layout)
@@ -239,7 +240,13 @@ class MAML(nn.Module):
         self.layout.check(params, name="params", tasks=x.shape[0])
         # Only first derivatives are taken through this forward (the second-order part of the
         # meta-gradient is in the inner loop), which vmap computes right for every layer.
-        if resolve_strategy(self.strategy, self.model, create_graph=False) == "vmap":
+        return self._predict(params, x, resolve_strategy(self.strategy, self.model,
+                                                         create_graph=False))
+
+    def _predict(self, params: torch.Tensor, x: torch.Tensor, chosen: str) -> torch.Tensor:
+        if chosen == "batched":
+            return batched_runner(self.model, self.layout)(params, x)
+        if chosen == "vmap":
             def call(row: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
                 return self.layout.call_unchecked(self.model, row, (xt,))
 
@@ -248,12 +255,13 @@ class MAML(nn.Module):
                             for t in range(x.shape[0])])
 
     def _query(self, params: torch.Tensor, episode: Episode) -> tuple[torch.Tensor, ...]:
-        outputs = self.predict(params, episode.query_x)
-        if resolve_strategy(self.strategy, self.model, create_graph=False) == "vmap":
-            losses = torch.func.vmap(self.loss_fn)(outputs, episode.query_y)
-        else:
+        chosen = resolve_strategy(self.strategy, self.model, create_graph=False)
+        outputs = self._predict(params, episode.query_x, chosen)
+        if chosen == "loop":
             losses = torch.stack([self.loss_fn(outputs[t], episode.query_y[t])
                                   for t in range(outputs.shape[0])])
+        else:
+            losses = task_losses(self.loss_fn, outputs, episode.query_y)
         if losses.shape != (outputs.shape[0],):
             raise ValueError("loss_fn must return one scalar loss per task")
         accuracy = None

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from fastmeta import backends
+from fastmeta._autograd import Function
 from fastmeta.backends import Impl
 from fastmeta.ops import tensor_lists as tl
 
@@ -155,7 +156,7 @@ class _AdagradRule(tl.StepRule):
 ADAGRAD_RULE = _AdagradRule()
 
 
-class AdagradFunction(torch.autograd.Function):
+class AdagradFunction(Function):
     """One fused, differentiable Adagrad step on ``[N]`` or ``[T, N]`` buffers.
 
     Inputs: ``(cfg, param, grad, state_sum, *tensor_hyperparameters)``; outputs

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from fastmeta import backends
+from fastmeta._autograd import Function
 from fastmeta.backends import Impl
 from fastmeta.ops import tensor_lists as tl
 
@@ -221,7 +222,7 @@ class _AdamRule(tl.StepRule):
 ADAM_RULE = _AdamRule()
 
 
-class AdamFunction(torch.autograd.Function):
+class AdamFunction(Function):
     """One fused, differentiable Adam/AdamW step on ``[N]`` or ``[T, N]`` buffers.
 
     Inputs: ``(cfg, param, grad, exp_avg, exp_avg_sq, *tensor_hyperparameters)``; outputs

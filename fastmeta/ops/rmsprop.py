@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from fastmeta import backends
+from fastmeta._autograd import Function
 from fastmeta.backends import Impl
 from fastmeta.ops import tensor_lists as tl
 
@@ -220,7 +221,7 @@ class _RmspropRule(tl.StepRule):
 RMSPROP_RULE = _RmspropRule()
 
 
-class RmspropFunction(torch.autograd.Function):
+class RmspropFunction(Function):
     """One fused, differentiable RMSprop step on ``[N]`` or ``[T, N]`` buffers.
 
     Inputs: ``(cfg, param, grad, square_avg, momentum_buffer, grad_avg, *tensor_hyperparameters)``;

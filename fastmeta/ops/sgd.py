@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from fastmeta import backends
+from fastmeta._autograd import Function
 from fastmeta.backends import Impl
 from fastmeta.ops import tensor_lists as tl
 
@@ -190,7 +191,7 @@ class _SgdRule(tl.StepRule):
 SGD_RULE = _SgdRule()
 
 
-class SgdFunction(torch.autograd.Function):
+class SgdFunction(Function):
     """One fused, differentiable SGD/momentum step on ``[N]`` or ``[T, N]`` buffers.
 
     Inputs: ``(cfg, param, grad, momentum_buffer, *tensor_hyperparameters)``; outputs
