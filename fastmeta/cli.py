@@ -1,4 +1,4 @@
-"""The ``fastmeta`` command: ``info``, ``demo``, ``bench``, ``train maml`` and ``eval``."""
+"""The ``fastmeta`` command: ``info``, ``demo``, ``bench``, ``train maml|cavia`` and ``eval``."""
 
 from __future__ import annotations
 
@@ -165,8 +165,9 @@ def _train_config(args: argparse.Namespace) -> dict:
     keys = ["task", "shots", "queries", "ways", "inner_steps", "inner_lr", "first_order",
             "inner_optimizer", "learn_inner_lr", "meta_batch", "iterations", "outer_lr",
             "grad_clip", "eval_every", "eval_tasks", "eval_steps", "eval_shots", "seed",
-            "omniglot_root", "filters", "impl", "out"]
+            "omniglot_root", "filters", "num_context_params", "context_mode", "impl", "out"]
     values = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    values["algorithm"] = args.algorithm
     if values.get("learn_inner_lr") == "none":
         values["learn_inner_lr"] = False
     return default_config(**values)
@@ -206,13 +207,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fastmeta.meta.training import CheckpointError
 
     try:
-        maml, config = runs.load_trained(args.checkpoint)
+        learner, config = runs.load_trained(args.checkpoint)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"fastmeta eval: {exc}", file=sys.stderr)
         return 2
     for steps in args.steps:
         for shots in args.shots or [config["shots"]]:
-            ev = runs.evaluate(maml, config, tasks=args.tasks, steps=steps, shots=shots)
+            ev = runs.evaluate(learner, config, tasks=args.tasks, steps=steps, shots=shots)
             line = _describe(ev)
             if "accuracy" in ev:
                 line += f", accuracy {ev['accuracy']['mean']:.3f} ± {ev['accuracy']['ci']:.3f}"
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", default="fastmeta-bench.json", help="where to write the rows")
     bench.add_argument("--plot", default="fastmeta-bench.png", help="where to write the chart")
     train = sub.add_parser("train", help="meta-train an algorithm (checkpoints, --resume)")
-    train.add_argument("algorithm", choices=["maml"], help="what to meta-train")
+    train.add_argument("algorithm", choices=["maml", "cavia"], help="what to meta-train")
     train.add_argument("--task", choices=["sinusoid", "digits", "omniglot"])
     train.add_argument("--shots", type=int, help="K, support examples (per class)")
     train.add_argument("--queries", type=int, help="query examples (per class)")
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--inner-steps", type=int)
     train.add_argument("--inner-lr", type=float)
     train.add_argument("--first-order", action="store_true", default=None,
-                       help="first-order MAML (FOMAML)")
+                       help="first-order MAML (FOMAML) or first-order CAVIA")
     train.add_argument("--inner-optimizer",
                        choices=["sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad"])
     train.add_argument("--learn-inner-lr", choices=["none", "scalar", "per_param"],
@@ -255,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--eval-shots", type=int, nargs="+",
                        help="support sizes of the final evaluation (default: --shots)")
     train.add_argument("--filters", type=int, help="conv-4 filters")
+    train.add_argument("--num-context-params", type=int,
+                       help="CAVIA: the size d of each task's context (5 for the sinusoid, 100 "
+                       "for images)")
+    train.add_argument("--context-mode", choices=["concat", "film"],
+                       help="CAVIA: append the context to the input (sinusoid) or modulate the "
+                       "conv layers with FiLM (images)")
     train.add_argument("--omniglot-root", help="a local folder in the Omniglot layout")
     train.add_argument("--impl", choices=["auto", "reference", "native", "triton"])
     train.add_argument("--seed", type=int)

@@ -1,4 +1,5 @@
-"""The MAML paper's networks: shapes, no mutated buffers, and torch.func.functional_call."""
+"""The MAML and CAVIA papers' networks: shapes, no mutated buffers, torch.func.functional_call,
+and FiLMConv4's per-task normalisation and FiLM."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from fastmeta.flat import buffer_mutating_modules
-from fastmeta.meta.networks import MLP, Conv4
+from fastmeta.meta.networks import MLP, Conv4, FiLMConv4
 
 
 def test_mlp_is_finn_sinusoid_network():
@@ -104,3 +105,104 @@ def test_conv4_rejects_bad_config(kwargs):
 def test_conv4_rejects_wrong_image_size():
     with pytest.raises(ValueError, match="expects"):
         Conv4(image_size=28)(torch.zeros(2, 1, 8, 8))
+
+
+# ---- FiLMConv4 (CAVIA) -----------------------------------------------------------------------
+
+
+def _film_net(**kwargs):
+    kwargs = {"in_channels": 1, "ways": 3, "num_context_params": 4, "filters": 4,
+              "image_size": 8, **kwargs}
+    return FiLMConv4(**kwargs).double()
+
+
+def _film_reference(net, x, context):
+    """FiLMConv4 written out per task: conv, nn.functional.batch_norm on that task's batch
+    alone, then h·(1 + γ) + β, ReLU, max-pool; the head."""
+    outputs = []
+    for t in range(x.shape[0]):
+        h = x[t]
+        for block in net.blocks:
+            h = nn.functional.conv2d(h, block.conv.weight, block.conv.bias, padding=1)
+            h = nn.functional.batch_norm(h, None, None, block.norm_weight, block.norm_bias,
+                                         training=True)
+            if block.film is not None:
+                gamma, beta = block.film(context[t]).chunk(2)
+                h = h * (1 + gamma.view(-1, 1, 1)) + beta.view(-1, 1, 1)
+            h = torch.relu(h)
+            if block.pool:
+                h = nn.functional.max_pool2d(h, 2)
+        outputs.append(net.head(h.flatten(1)))
+    return torch.stack(outputs)
+
+
+def test_film_conv4_is_per_task_batchnorm_then_film():
+    torch.manual_seed(0)
+    net = _film_net()
+    for block in net.blocks:  # make the norm's affine part and FiLM's bias non-trivial
+        nn.init.normal_(block.norm_weight, 1.0, 0.3)
+        nn.init.normal_(block.norm_bias, 0.0, 0.3)
+        nn.init.normal_(block.film.bias, 0.0, 0.3)
+    x = torch.randn(3, 5, 1, 8, 8, dtype=torch.float64) * 2 + 1
+    context = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(net(x, context), _film_reference(net, x, context))
+
+
+def test_film_conv4_at_zero_context_is_conv4_on_each_task():
+    torch.manual_seed(0)
+    film, conv4 = _film_net(), Conv4(in_channels=1, ways=3, filters=4, image_size=8).double()
+    for block, (conv, norm, _, _) in zip(film.blocks, conv4.features):
+        conv.load_state_dict(block.conv.state_dict())
+        norm.weight.data.normal_(1.0, 0.3)
+        norm.bias.data.normal_(0.0, 0.3)
+        block.norm_weight.data.copy_(norm.weight)
+        block.norm_bias.data.copy_(norm.bias)
+    conv4.head.load_state_dict(film.head.state_dict())
+    x = torch.randn(3, 5, 1, 8, 8, dtype=torch.float64)
+    out = film(x, torch.zeros(3, 4, dtype=torch.float64))
+    for t in range(3):
+        torch.testing.assert_close(out[t], conv4(x[t]))
+    assert not torch.allclose(film(x, torch.ones(3, 4, dtype=torch.float64)), out)
+
+
+def test_film_conv4_second_derivatives():
+    """gradgradcheck of the output w.r.t. the context and a conv weight: CAVIA's meta-gradient
+    differentiates ∂L/∂φ with respect to θ."""
+    torch.manual_seed(0)
+    net = _film_net(filters=2, image_size=4, num_context_params=2)
+    x = torch.randn(2, 3, 1, 4, 4, dtype=torch.float64)
+    context = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    weight = net.blocks[1].conv.weight.detach().clone().requires_grad_()
+    params = dict(net.named_parameters())
+
+    def f(ctx, w):
+        return functional_call(net, {**params, "blocks.1.conv.weight": w}, (x, ctx))
+
+    assert torch.autograd.gradgradcheck(f, (context, weight))
+
+
+def test_film_conv4_blocks_and_parameters():
+    net = FiLMConv4(ways=5, num_context_params=100, filters=32, image_size=84,
+                    film_blocks=(2,))
+    assert [b.film is not None for b in net.blocks] == [False, False, True, False]
+    assert net.blocks[2].film.in_features == 100 and net.blocks[2].film.out_features == 64
+    assert net.head.in_features == 32 * 5 * 5
+    assert list(net.buffers()) == [] and buffer_mutating_modules(net) == []
+    assert net(torch.zeros(2, 3, 1, 84, 84), torch.zeros(2, 100)).shape == (2, 3, 5)
+    assert "film_blocks=(2,)" in repr(net)
+
+
+@pytest.mark.parametrize("kwargs", [{"num_context_params": 0}, {"film_blocks": ()},
+                                    {"film_blocks": (4,)}, {"film_blocks": (1, 1)},
+                                    {"filters": 0}])
+def test_film_conv4_rejects_bad_config(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        FiLMConv4(**{"num_context_params": 2, **kwargs})
+
+
+def test_film_conv4_rejects_bad_inputs():
+    net = FiLMConv4(num_context_params=2, image_size=8, filters=4)
+    with pytest.raises(ValueError, match=r"x \[T, S, 1, 8, 8\]"):
+        net(torch.zeros(2, 1, 8, 8), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"context \[T, num_context_params\] = \[2, 2\]"):
+        net(torch.zeros(2, 3, 1, 8, 8), torch.zeros(2, 3))

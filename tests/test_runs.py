@@ -1,4 +1,5 @@
-"""``fastmeta train maml`` / ``fastmeta eval``: runs resume exactly, and report bad input."""
+"""``fastmeta train maml`` / ``fastmeta eval``: runs resume exactly, and report bad input
+(``fastmeta train cavia`` shares this machinery; its runs are tested in test_cavia.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from fastmeta.cli import main
-from fastmeta.meta import runs
-from fastmeta.meta.training import load_checkpoint
+from fastmeta.meta import MAML, runs
+from fastmeta.meta.training import load_checkpoint, save_checkpoint
 
 SMALL = ["--task", "sinusoid", "--meta-batch", "4", "--eval-every", "5", "--eval-tasks", "10",
          "--eval-steps", "1", "--seed", "3"]
@@ -82,3 +83,17 @@ def test_same_seed_same_run(tmp_path):
     b = load_checkpoint(_train(tmp_path, "b", 5) / "checkpoint.pt")
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0)
+
+
+def test_checkpoint_from_before_cavia_still_loads_and_resumes(tmp_path):
+    """A MAML checkpoint whose config predates the algorithm/context keys reads as MAML."""
+    out = _train(tmp_path, "old", 5)
+    payload = load_checkpoint(out / "checkpoint.pt")
+    for key in ("algorithm", "num_context_params", "context_mode"):
+        del payload["config"][key]
+    save_checkpoint(out / "checkpoint.pt", payload)
+    learner, config = runs.load_trained(out / "checkpoint.pt")
+    assert isinstance(learner, MAML) and config["algorithm"] == "maml"
+    assert main(["eval", str(out / "checkpoint.pt"), "--tasks", "10", "--steps", "1"]) == 0
+    _train(tmp_path, "old", 10, "--resume")
+    assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 10

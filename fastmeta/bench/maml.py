@@ -1,5 +1,6 @@
-"""Benchmarks of one MAML meta-step (inner loop + query loss + meta-gradient + outer step)
-against the ways people write it today, all in the same run:
+"""Benchmarks of one meta-step against the ways people write it today, all in the same run.
+
+MAML (:func:`rows`: inner loop + query loss + meta-gradient + outer step):
 
 * ``torch.func vmap``: ``vmap`` over tasks of a ``grad``-based inner loop (second order);
 * ``eager loop``: a Python loop over tasks with ``autograd.grad(create_graph=True)`` and
@@ -8,6 +9,16 @@ against the ways people write it today, all in the same run:
 
 Workloads: the sinusoid MLP (T=25, K=10; 1 and 5 inner steps) and the conv-4 network on 5-way
 1-shot 28x28 episodes (T=8, 1 inner step).
+
+CAVIA (:func:`cavia_rows`: inner loop + query loss + meta-gradient, no outer step, so that only
+the meta-step itself is compared), second order, on the sinusoid (T=25, K=10, 5 context
+params, one inner step with lr 1.0):
+
+* ``torch.func vmap``: ``vmap`` over tasks of ``functional_call`` with a per-task context and a
+  ``torch.func.grad`` inner step;
+* ``batched eager``: the same batched maths as fastmeta (θ shared, one forward of every task
+  with a ``[T, d]`` context) with the update written ``φ - α g`` in plain torch: what is left
+  when the fused update is taken out.
 """
 
 from __future__ import annotations
@@ -20,10 +31,15 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from fastmeta.bench import harness
-from fastmeta.meta import MAML, MLP, Conv4
+from fastmeta.meta import CAVIA, MAML, MLP, Conv4
 from fastmeta.optim import Adam
 
 INNER_LR = 0.01
+# Zintgraf et al. 2019's sinusoid setting: 5 context params, inner lr 1.0.
+CAVIA_CONTEXT = 5
+CAVIA_INNER_LR = 1.0
+# Interleaved timing rounds per side (the best round is kept): the CPU dev machine is shared.
+CAVIA_ROUNDS = 3
 
 
 def _vmap_step(model, loss_fn, steps: int, outer):
@@ -144,3 +160,84 @@ def rows(*, min_run_time: float, quick: bool = False) -> Iterator[harness.Row]:
     yield _row("MAML conv-4 5-way 1-shot T=8, 1 step", lambda: Conv4(1, 5, image_size=28),
                F.cross_entropy, conv, 1, baselines=["torch.func vmap", "eager loop"],
                min_run_time=min_run_time)
+
+
+# ---- CAVIA ------------------------------------------------------------------------------------
+
+
+def _cavia_fastmeta_step(model, episode, steps: int):
+    cavia = CAVIA(model, loss_fn=F.mse_loss, num_context_params=CAVIA_CONTEXT,
+                  inner_lr=CAVIA_INNER_LR, inner_steps=steps)
+
+    def step():
+        cavia.zero_grad(set_to_none=True)
+        cavia(episode).loss.backward()
+
+    return step
+
+
+def _cavia_vmap_step(model, episode, steps: int):
+    def task_loss(phi, params, x, y):
+        inputs = torch.cat([x, phi.expand(x.shape[0], -1)], dim=-1)
+        return F.mse_loss(functional_call(model, params, (inputs,)), y)
+
+    def query_loss(params, xs, ys, xq, yq):
+        phi = torch.zeros(CAVIA_CONTEXT, dtype=xs.dtype)
+        for _ in range(steps):
+            phi = phi - CAVIA_INNER_LR * grad(task_loss)(phi, params, xs, ys)
+        return task_loss(phi, params, xq, yq)
+
+    batched = vmap(query_loss, in_dims=(None, 0, 0, 0, 0))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        params = dict(model.named_parameters())
+        batched(params, episode.support_x, episode.support_y, episode.query_x,
+                episode.query_y).mean().backward()
+
+    return step
+
+
+def _cavia_batched_eager_step(model, episode, steps: int):
+    tasks = episode.num_tasks
+
+    def loss(phi, x, y):
+        inputs = torch.cat([x, phi.unsqueeze(1).expand(tasks, x.shape[1], -1)], dim=-1)
+        return (model(inputs) - y).square().mean((1, 2))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        phi = torch.zeros(tasks, CAVIA_CONTEXT, requires_grad=True)
+        for _ in range(steps):
+            (g,) = torch.autograd.grad(loss(phi, episode.support_x, episode.support_y).sum(),
+                                       phi, create_graph=True)
+            phi = phi - CAVIA_INNER_LR * g
+        loss(phi, episode.query_x, episode.query_y).mean().backward()
+
+    return step
+
+
+def cavia_rows(*, min_run_time: float, rounds: int = CAVIA_ROUNDS) -> Iterator[harness.Row]:
+    from fastmeta.tasks import SinusoidTasks
+
+    episode = SinusoidTasks(seed=0).sample(25, shots=10)
+    steps = 1
+    makers = {"fastmeta": _cavia_fastmeta_step, "torch.func vmap": _cavia_vmap_step,
+              "batched eager": _cavia_batched_eager_step}
+    step_fns = {}
+    for name, maker in makers.items():
+        torch.manual_seed(0)
+        step_fns[name] = maker(MLP(in_features=1 + CAVIA_CONTEXT), episode, steps)
+    # Interleaved rounds, keeping each side's least disturbed one: another process that
+    # starts in the middle of a measurement then hits every side alike.
+    best: dict[str, harness.Timing] = {}
+    for _ in range(rounds):
+        for name, step in step_fns.items():
+            t = harness.time_fn(step, min_run_time=min_run_time / rounds)
+            if name not in best or t.median < best[name].median:
+                best[name] = t
+    ours = best.pop("fastmeta")
+    yield harness.Row(name=f"CAVIA sinusoid T=25 K=10 d={CAVIA_CONTEXT}, {steps} step",
+                      ours=ours, baselines=dict(best),
+                      notes={"measured": "forward + meta-gradient, second order, no outer step",
+                             "rounds": rounds})

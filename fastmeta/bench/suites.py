@@ -75,6 +75,13 @@ def _maml_rows(*, quick: bool, progress: Callable[[str], None]) -> Iterator[harn
                          quick=quick)
 
 
+def _cavia_rows(*, quick: bool, progress: Callable[[str], None]) -> Iterator[harness.Row]:
+    from fastmeta.bench import maml
+
+    progress("cavia: sinusoid meta-step")
+    yield from maml.cavia_rows(min_run_time=QUICK_MIN_RUN_TIME if quick else FULL_MIN_RUN_TIME)
+
+
 SUITES: dict[str, Suite] = {
     s.name: s for s in [*(_optimizer_suite(n) for n in ("Adam", "SGD", "Adagrad", "RMSprop")),
                         Suite("inner", "differentiable task-batched updates against eager "
@@ -83,7 +90,10 @@ SUITES: dict[str, Suite] = {
                                "torchopt"], _inner_rows, _inner_memory),
                         Suite("maml", "one MAML meta-step (second order) against torch.func, "
                               "an eager per-task loop and higher", ["torch.func vmap",
-                              "eager loop", "higher"], _maml_rows)]
+                              "eager loop", "higher"], _maml_rows),
+                        Suite("cavia", "one CAVIA meta-step (second order, no outer step) "
+                              "against torch.func and the same batched maths in eager torch",
+                              ["torch.func vmap", "batched eager"], _cavia_rows)]
 }
 
 

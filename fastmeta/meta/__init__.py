@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from fastmeta.meta.cavia import CAVIA, CAVIAOutput
 from fastmeta.meta.maml import MAML, MetaOutput
-from fastmeta.meta.networks import MLP, Conv4
+from fastmeta.meta.networks import MLP, Conv4, FiLMConv4
 
-__all__ = ["MAML", "MLP", "Conv4", "MetaOutput"]
+__all__ = ["CAVIA", "MAML", "MLP", "CAVIAOutput", "Conv4", "FiLMConv4", "MetaOutput"]

@@ -1,24 +1,30 @@
-"""The runs behind ``fastmeta train maml`` and ``fastmeta eval``: meta-training with progress,
-periodic evaluation, atomic checkpoints, exact ``--resume``, CSV metrics and plots.
+"""The runs behind ``fastmeta train maml|cavia`` and ``fastmeta eval``: meta-training with
+progress, periodic evaluation, atomic checkpoints, exact ``--resume``, CSV metrics and plots.
 
 A run lives in one folder (``--out``): ``checkpoint.pt`` (written atomically every
 ``eval_every`` iterations and at the end), ``metrics.csv``, ``summary.json`` and, for the
-sinusoid, ``adapted.png``. Resuming restores the meta-parameters, the outer optimizer, the task
-sampler and every RNG, so a resumed run continues exactly where the checkpoint was taken.
+sinusoid, ``adapted.png`` (and, for CAVIA, ``context.png``). Resuming restores the
+meta-parameters, the outer optimizer, the task sampler and every RNG, so a resumed run continues
+exactly where the checkpoint was taken.
+
+The config's ``algorithm`` (``"maml"`` by default) picks the meta-learner :func:`build` makes;
+everything else (sampling, the outer loop, evaluation, checkpoints) is shared.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
 
+from fastmeta.meta.cavia import CAVIA, CAVIAOutput
 from fastmeta.meta.maml import MAML
-from fastmeta.meta.networks import MLP, Conv4
+from fastmeta.meta.networks import MLP, Conv4, FiLMConv4
 from fastmeta.meta.training import (
     CheckpointError,
     MetricsWriter,
@@ -32,35 +38,101 @@ from fastmeta.meta.training import (
 )
 from fastmeta.optim import Adam
 
+ALGORITHMS = ("maml", "cavia")
 TASKS = ("sinusoid", "digits", "omniglot")
 # Tasks drawn for each periodic evaluation during training (the final one uses eval_tasks).
 PERIODIC_EVAL_TASKS = 100
 # Tasks adapted per batch at evaluation: bounds memory for 1,000-task evaluations.
 EVAL_BATCH = 100
+# New tasks whose adapted contexts context.png shows: enough to see the structure.
+CONTEXT_PLOT_TASKS = 500
 # The config keys that define the model: a resumed or evaluated run must agree on them.
-MODEL_KEYS = ("task", "ways", "first_order", "inner_optimizer", "learn_inner_lr", "filters")
+MODEL_KEYS = ("algorithm", "task", "ways", "first_order", "inner_optimizer", "learn_inner_lr",
+              "filters", "num_context_params", "context_mode")
+# The keys only CAVIA has (None for MAML).
+CAVIA_KEYS = ("num_context_params", "context_mode")
+# CAVIA's inner loop is plain SGD on the context (fastmeta.functional.sgd), with a fixed rate.
+CAVIA_INNER_OPTIMIZER = "sgd"
+
+Learner = Union[MAML, CAVIA]
 
 
-def default_config(**overrides: Any) -> dict[str, Any]:
-    """Finn et al. 2017's sinusoid setting; every key is a ``fastmeta train maml`` option."""
+def _defaults(algorithm: str, task: str) -> dict[str, Any]:
+    """The defaults of a run: Finn et al. 2017's sinusoid setting for MAML, Zintgraf et al.
+    2019's for CAVIA."""
     config = {
-        "task": "sinusoid", "shots": 10, "queries": None, "ways": 5,
+        "algorithm": algorithm, "task": task, "shots": 10, "queries": None, "ways": 5,
         "inner_steps": 1, "inner_lr": 0.01, "first_order": False, "inner_optimizer": "sgd",
         "learn_inner_lr": False, "meta_batch": 25, "iterations": 30000, "outer_lr": 1e-3,
         "grad_clip": None, "eval_every": 1000, "eval_tasks": 1000, "eval_steps": [1, 10],
         "eval_shots": None, "seed": 0, "omniglot_root": None, "filters": 64,
-        "impl": "auto", "out": "runs/maml",
+        "num_context_params": None, "context_mode": None, "impl": "auto", "out": "runs/maml",
     }
+    if algorithm == "cavia":
+        # Zintgraf et al. 2019 and their code (github.com/lmzintgraf/cavia): inner lr 1.0 for
+        # both problems; the sinusoid (regression/arguments.py, section 5.1) with 5 context
+        # params concatenated to the input, 50,000 iterations, meta-gradient clamped to
+        # [-10, 10] (their code clamps each task's gradient before averaging; we clamp the
+        # averaged one, which a single batched backward gives), evaluated at 5, 10 and 20
+        # shots; classification (classification/arguments.py) with 100 context params and FiLM.
+        config.update(inner_lr=1.0, out="runs/cavia")
+        if task == "sinusoid":
+            config.update(num_context_params=5, context_mode="concat", iterations=50000,
+                          grad_clip=10.0, eval_shots=[5, 10, 20])
+        else:
+            config.update(num_context_params=100, context_mode="film")
+    return config
+
+
+def default_config(**overrides: Any) -> dict[str, Any]:
+    """The config of a run: the defaults of its ``algorithm`` and ``task`` (see
+    :func:`_defaults`), then ``overrides``; every key is a ``fastmeta train`` option."""
+    algorithm = overrides.get("algorithm", "maml")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm: expected one of {', '.join(ALGORITHMS)}, got "
+                         f"{algorithm!r}")
+    task = overrides.get("task", "sinusoid")
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+    config = _defaults(algorithm, task)
     unknown = set(overrides) - set(config)
     if unknown:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
     config.update(overrides)
-    if config["task"] not in TASKS:
-        raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {config['task']!r}")
     if config["task"] == "omniglot" and not config["omniglot_root"]:
         raise ValueError("task omniglot needs --omniglot-root, a folder in the Omniglot layout "
                          "<root>/<alphabet>/<character>/*.png (fastmeta never downloads)")
+    if algorithm == "maml":
+        for key in CAVIA_KEYS:
+            if config[key] is not None:
+                raise ValueError(f"{key} is a CAVIA option; MAML has no context (got "
+                                 f"{key}={config[key]!r})")
+    else:
+        _check_cavia(config)
     return config
+
+
+def _check_cavia(config: dict[str, Any]) -> None:
+    if config["inner_optimizer"] != CAVIA_INNER_OPTIMIZER:
+        raise ValueError(f"inner_optimizer: CAVIA's inner loop is plain SGD on the context, got "
+                         f"{config['inner_optimizer']!r}")
+    if config["learn_inner_lr"]:
+        raise ValueError(f"learn_inner_lr: CAVIA's inner learning rate is fixed, got "
+                         f"{config['learn_inner_lr']!r}")
+    d = config["num_context_params"]
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ValueError(f"num_context_params must be an int >= 1, got {d!r}")
+    # The sinusoid network is an MLP on [x, φ] (no conv layers to modulate); the image tasks'
+    # network is FiLMConv4 (images cannot be concatenated with a vector).
+    expected = "concat" if config["task"] == "sinusoid" else "film"
+    if config["context_mode"] != expected:
+        raise ValueError(
+            f"context_mode={config['context_mode']!r}: the {config['task']} task takes "
+            f"context_mode={expected!r} (" + (
+                "its network is an MLP with no conv layers for FiLM to modulate)"
+                if expected == "concat" else
+                "images cannot be concatenated with the context; FiLM modulates the conv "
+                "layers)"))
 
 
 def _sampler(config: dict[str, Any], split: str, seed: int):
@@ -85,8 +157,10 @@ def _sample(config: dict[str, Any], sampler, num_tasks: int, *, shots: int | Non
                           generator=generator)
 
 
-def build(config: dict[str, Any]) -> MAML:
-    """The MAML meta-learner a config describes (not yet trained)."""
+def build(config: dict[str, Any]) -> Learner:
+    """The meta-learner (MAML or CAVIA) a config describes, not yet trained."""
+    if config["algorithm"] == "cavia":
+        return _build_cavia(config)
     if config["task"] == "sinusoid":
         model, loss_fn = MLP(), F.mse_loss
     else:
@@ -101,7 +175,28 @@ def build(config: dict[str, Any]) -> MAML:
                 learn_inner_lr=config["learn_inner_lr"], impl=config["impl"])
 
 
-def evaluate(maml: MAML, config: dict[str, Any], *, tasks: int, steps: int,
+def _build_cavia(config: dict[str, Any]) -> CAVIA:
+    d = config["num_context_params"]
+    if config["task"] == "sinusoid":
+        # Zintgraf et al.: the MAML sinusoid network with the context appended to the input.
+        model, loss_fn = MLP(in_features=1 + d), F.mse_loss
+    else:
+        size = 8 if config["task"] == "digits" else 28
+        model = FiLMConv4(in_channels=1, ways=config["ways"], num_context_params=d,
+                          filters=config["filters"], image_size=size)
+        loss_fn = F.cross_entropy
+    return CAVIA(model, loss_fn=loss_fn, num_context_params=d,
+                 context_mode=config["context_mode"], inner_lr=config["inner_lr"],
+                 inner_steps=config["inner_steps"], first_order=config["first_order"],
+                 impl=config["impl"])
+
+
+def _adapted(out: Any) -> torch.Tensor:
+    """What a learner adapted: CAVIA's contexts [T, d] or MAML's fast weights [T, N]."""
+    return out.context if isinstance(out, CAVIAOutput) else out.params
+
+
+def evaluate(learner: Learner, config: dict[str, Any], *, tasks: int, steps: int,
              shots: int | None = None, seed: int = 12345, split: str = "test") -> dict[str, Any]:
     """Mean query loss (and accuracy) with a 95% CI over ``tasks`` new tasks, after ``steps``
     inner steps on ``shots``-shot support sets; the tasks are fixed by ``seed``."""
@@ -113,7 +208,7 @@ def evaluate(maml: MAML, config: dict[str, Any], *, tasks: int, steps: int,
         batch = min(EVAL_BATCH, remaining)
         episode = _sample(config, sampler, batch, shots=shots, evaluation=True,
                           generator=generator)
-        out = maml.evaluate(episode, steps=steps)
+        out = learner.evaluate(episode, steps=steps)
         losses.append(out.query_losses)
         if out.accuracy is not None:
             accuracies.append(out.accuracy)
@@ -131,6 +226,8 @@ def evaluate(maml: MAML, config: dict[str, Any], *, tasks: int, steps: int,
 
 
 def _check_same_model(saved: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    # A checkpoint from before a key existed holds that key's default (e.g. algorithm "maml").
+    saved = default_config(**saved)
     for key in MODEL_KEYS:
         if saved.get(key) != config.get(key):
             raise CheckpointError(
@@ -139,21 +236,21 @@ def _check_same_model(saved: dict[str, Any], config: dict[str, Any], path: Path)
 
 
 def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Meta-trains MAML as ``config`` says; returns the summary also written to
+    """Meta-trains the config's algorithm as it says; returns the summary also written to
     ``summary.json``."""
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
     seed_everything(config["seed"])
-    maml = build(config)
-    outer = Adam(maml.parameters(), lr=config["outer_lr"])
+    learner = build(config)
+    outer = Adam(learner.parameters(), lr=config["outer_lr"])
     tasks = _sampler(config, "train", config["seed"])
     start = 0
     elapsed_before = 0.0
     if resume and checkpoint.exists():
         payload = load_checkpoint(checkpoint)
         _check_same_model(payload["config"], config, checkpoint)
-        start = restore(payload, model=maml, optimizer=outer, tasks=tasks)
+        start = restore(payload, model=learner, optimizer=outer, tasks=tasks)
         elapsed_before = float(payload["extra"].get("train_seconds", 0.0))
     elif resume:
         raise CheckpointError(f"--resume: no checkpoint at {checkpoint}")
@@ -164,11 +261,11 @@ def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False) 
     with metrics, Progress(config["iterations"], initial=start, disable=quiet) as bar:
         for iteration in range(start, config["iterations"]):
             episode = _sample(config, tasks, config["meta_batch"])
-            result = maml(episode)
+            result = learner(episode)
             outer.zero_grad(set_to_none=True)
             result.loss.backward()
             if config["grad_clip"]:
-                for p in maml.parameters():
+                for p in learner.parameters():
                     if p.grad is not None:
                         p.grad.clamp_(-config["grad_clip"], config["grad_clip"])
             outer.step()
@@ -178,7 +275,7 @@ def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False) 
             done = iteration + 1
             if done % config["eval_every"] == 0 or done == config["iterations"]:
                 seconds = elapsed_before + time.perf_counter() - started
-                val = evaluate(maml, config, tasks=PERIODIC_EVAL_TASKS,
+                val = evaluate(learner, config, tasks=PERIODIC_EVAL_TASKS,
                                steps=config["inner_steps"], seed=999, split="val")
                 metrics.write({
                     "iteration": done, "meta_loss": sum(running) / len(running),
@@ -189,31 +286,47 @@ def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False) 
                 })
                 running = []
                 save_checkpoint(checkpoint, checkpoint_payload(
-                    iteration=done, model=maml, optimizer=outer, config=config, tasks=tasks,
+                    iteration=done, model=learner, optimizer=outer, config=config, tasks=tasks,
                     train_seconds=seconds))
     train_seconds = elapsed_before + time.perf_counter() - started
     summary = {"config": config, "train_seconds": train_seconds, "evaluation": []}
     for steps in config["eval_steps"]:
         for shots in (config["eval_shots"] or [config["shots"]]):
             summary["evaluation"].append(
-                evaluate(maml, config, tasks=config["eval_tasks"], steps=steps, shots=shots))
+                evaluate(learner, config, tasks=config["eval_tasks"], steps=steps, shots=shots))
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     if config["task"] == "sinusoid":
-        plot_sinusoid(maml, config, out / "adapted.png")
+        _plot_sinusoid_run(learner, config, out, quiet=quiet)
     return summary
 
 
-def load_trained(checkpoint: str | Path) -> tuple[MAML, dict[str, Any]]:
+def _plot_sinusoid_run(learner: Learner, config: dict[str, Any], out: Path, *,
+                       quiet: bool) -> None:
+    plots = ["adapted.png"] + (["context.png"] if isinstance(learner, CAVIA) else [])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if not quiet:
+            print(f"matplotlib is not installed: not writing {' and '.join(plots)} "
+                  "(pip install matplotlib)", file=sys.stderr)
+        return
+    plot_sinusoid(learner, config, out / "adapted.png")
+    if isinstance(learner, CAVIA):
+        plot_context(learner, config, out / "context.png")
+
+
+def load_trained(checkpoint: str | Path) -> tuple[Learner, dict[str, Any]]:
     """The meta-learner and config saved in a checkpoint (loaded with weights_only=True)."""
     payload = load_checkpoint(checkpoint)
     config = default_config(**payload["config"])
-    maml = build(config)
-    maml.load_state_dict(payload["model"])
-    return maml, config
+    learner = build(config)
+    learner.load_state_dict(payload["model"])
+    return learner, config
 
 
-def plot_sinusoid(maml: MAML, config: dict[str, Any], path: Path, *, tasks: int = 4) -> None:
+def plot_sinusoid(learner: Learner, config: dict[str, Any], path: Path, *,
+                  tasks: int = 4) -> None:
     """The adapted curves of a few new tasks after 1 and 10 steps, with the true sinusoids
     and the support points."""
     import matplotlib
@@ -227,8 +340,8 @@ def plot_sinusoid(maml: MAML, config: dict[str, Any], path: Path, *, tasks: int 
     fig, axes = plt.subplots(1, tasks, figsize=(4 * tasks, 3.2), sharey=True)
     x = episode.query_x[0, :, 0]
     for steps, style in ((1, "--"), (10, "-")):
-        out = maml.evaluate(episode, steps=steps)
-        predictions = maml.predict(out.params, episode.query_x).detach()
+        out = learner.evaluate(episode, steps=steps)
+        predictions = learner.predict(_adapted(out), episode.query_x).detach()
         for t, ax in enumerate(axes):
             ax.plot(x, predictions[t, :, 0], style, label=f"after {steps} step(s)")
     for t, ax in enumerate(axes):
@@ -237,7 +350,45 @@ def plot_sinusoid(maml: MAML, config: dict[str, Any], path: Path, *, tasks: int 
                    label=f"{episode.support_x.shape[1]}-shot support", zorder=3)
         ax.set_title(f"A={episode.amplitude[t]:.2f}, phase={episode.phase[t]:.2f}")
     axes[0].legend(fontsize=7)
-    fig.suptitle("MAML on sinusoids: adapted curves")
+    fig.suptitle(f"{config['algorithm'].upper()} on sinusoids: adapted curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_context(cavia: CAVIA, config: dict[str, Any], path: Path, *,
+                 tasks: int = CONTEXT_PLOT_TASKS) -> None:
+    """How CAVIA's adapted context separates sinusoid tasks: the contexts of ``tasks`` new
+    tasks after the trained number of inner steps, on their first two principal components
+    (the context itself when d = 1), coloured by each task's amplitude and by its phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sampler = _sampler(config, "test", 7)
+    episode = _sample(config, sampler, tasks, evaluation=True,
+                      generator=torch.Generator().manual_seed(7))
+    context = cavia.evaluate(episode, steps=config["inner_steps"]).context.double()
+    centred = context - context.mean(0)
+    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+    explained = (singular.square() / singular.square().sum().clamp_min(1e-300)).tolist()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, values, name in ((axes[0], episode.amplitude, "amplitude"),
+                             (axes[1], episode.phase, "phase")):
+        if context.shape[1] >= 2:
+            pcs = centred @ vh[:2].T
+            points = ax.scatter(pcs[:, 0], pcs[:, 1], c=values, s=8, cmap="viridis")
+            ax.set_xlabel(f"PC1 of φ ({explained[0]:.0%} of the variance)")
+            ax.set_ylabel(f"PC2 of φ ({explained[1]:.0%})")
+        else:
+            points = ax.scatter(context[:, 0], values, s=8)
+            ax.set_xlabel("φ")
+            ax.set_ylabel(name)
+        fig.colorbar(points, ax=ax, label=name)
+        ax.set_title(f"coloured by {name}")
+    fig.suptitle(f"CAVIA: adapted context of {tasks} new tasks ({episode.support_x.shape[1]}"
+                 f"-shot, {config['inner_steps']} step(s), d={context.shape[1]})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
