@@ -3,17 +3,23 @@
 MAML's inner loop evaluates the same network with T different parameter vectors. ``vmap`` over
 ``functional_call`` does that with a batching rule per op; a Python loop does it with T
 forwards. For the layers below the batched maths is a plain batched op, so :class:`BatchedModule`
-runs the model's own ``forward`` once, on the examples of every task stacked as one batch
-``[T·B, ...]``, with each parametrised layer swapped for its task-batched form:
+runs the model's own ``forward`` once, on the examples of every task stacked as one batch,
+with each parametrised layer swapped for its task-batched form:
 
 =================  ===========================================================================
-layer              task-batched form (x is ``[T, B, ...]`` inside the layer)
+layer              task-batched form
 =================  ===========================================================================
 ``nn.Linear``      :math:`y_t = x_t W_t^\\top + b_t`: one ``baddbmm`` over the T tasks
-``nn.Conv2d``      a grouped convolution with ``groups=T`` on ``[B, T·C, H, W]``
-``nn.BatchNorm2d`` batch statistics per task (transductive, as MAML) and :math:`\\gamma_t, \\beta_t`
+``nn.Conv2d``      one grouped convolution (``groups=T``) over ``[B, T·C, H, W]``
+``nn.BatchNorm2d`` one ``batch_norm`` over ``[B, T·C, H·W]``: batch statistics per task
+                   (transductive, as MAML) and :math:`\\gamma_t, \\beta_t`
 ``nn.LayerNorm``   per example, with :math:`\\gamma_t, \\beta_t`
 =================  ===========================================================================
+
+The stacked batch is example-major, ``[B·T, ...]`` (example b of task t at row b·T + t), so that
+``[B·T, C, H, W]`` *is* ``[B, T·C, H, W]``: the convolutions and norms take it as a view, and
+only the Linear layers transpose (their activations are small). A model of Linear/LayerNorm
+layers and elementwise functions needs no stacking at all: it runs on ``[T, B, ...]``.
 
 Layers without parameters that act on each example alone (activations, pooling, flatten,
 dropout, identity) run unchanged on the stacked batch. Everything is ordinary differentiable
@@ -144,7 +150,7 @@ class BatchedModule:
                     self._forms[own["bias"]] = ((1, m.out_features), False)
         self._forms = tuple(self._forms)
         # A model of Linear/LayerNorm layers and elementwise functions runs on [T, B, ...] as
-        # it is; any other layer needs the tasks stacked into one batch dimension [T·B, ...].
+        # it is; any other layer needs the tasks stacked into one batch dimension [B·T, ...].
         self._stack = not all(
             isinstance(m, FEATURE_LAST + ELEMENTWISE) or next(m.children(), None) is not None
             for m in module.modules())
@@ -157,21 +163,24 @@ class BatchedModule:
         xs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         tasks = params.shape[0]
         per_task = xs[0].shape[1]
-        if self._stack:
-            xs = tuple(x.reshape(tasks * per_task, *x.shape[2:]) for x in xs)
+        if self._stack:  # [T, B, ...] -> [B·T, ...], example-major
+            xs = tuple(x.transpose(0, 1).reshape(tasks * per_task, *x.shape[2:]) for x in xs)
         # Every parameter as a [T, *shape] view, from one autograd node (not two per tensor).
         views = _TaskViews.apply(params, self.layout.entries, self._forms)
         patched = []
         try:
             for m, own in self._layers:
                 weights = {n: views[i] for n, i in own.items()}
-                m.forward = _batched_forward(m, weights, tasks)  # instance attribute: shadows
+                # An instance attribute shadows the class's forward until deleted.
+                m.forward = _batched_forward(m, weights, tasks, self._stack)
                 patched.append(m)
             out = self.module(*xs)
         finally:
             for m in patched:
                 del m.forward
-        return out.reshape(tasks, per_task, *out.shape[1:]) if self._stack else out
+        if not self._stack:
+            return out
+        return out.reshape(per_task, tasks, *out.shape[1:]).transpose(0, 1)
 
 
 class _TaskViews(Function):
@@ -207,43 +216,49 @@ class _TaskViews(Function):
         return torch.cat(pieces, 1), None, None
 
 
-def _batched_forward(m: nn.Module, w: dict[str, torch.Tensor], tasks: int
+def _batched_forward(m: nn.Module, w: dict[str, torch.Tensor], tasks: int, stacked: bool
                      ) -> Callable[[torch.Tensor], torch.Tensor]:
     if isinstance(m, nn.Linear):
-        return lambda x: _linear(x, w["weight"], w.get("bias"), tasks)
+        return lambda x: _linear(x, w["weight"], w.get("bias"), tasks, stacked)
     if isinstance(m, nn.Conv2d):
         return lambda x: _conv2d(m, x, w["weight"], w.get("bias"), tasks)
     if isinstance(m, nn.BatchNorm2d):
         return lambda x: _batch_norm2d(m, x, w.get("weight"), w.get("bias"), tasks)
     if isinstance(m, nn.LayerNorm):
-        return lambda x: _layer_norm(m, x, w.get("weight"), w.get("bias"), tasks)
+        return lambda x: _layer_norm(m, x, w.get("weight"), w.get("bias"), tasks, stacked)
     raise AssertionError(f"no batched form for {type(m).__name__}")  # unsupported() screens
 
 
-def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, tasks: int
-            ) -> torch.Tensor:
-    """x ``[T, B, in]`` (or any ``[T·B..., in]``), ``weight_t`` = Wᵀ ``[T, in, out]``, bias
-    ``[T, 1, out]``."""
-    if x.dim() == 3 and x.shape[0] == tasks:
-        return torch.bmm(x, weight_t) if bias is None else torch.baddbmm(bias, x, weight_t)
-    lead = x.shape[:-1]
-    xt = x.reshape(tasks, -1, x.shape[-1])
+def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, tasks: int,
+            stacked: bool) -> torch.Tensor:
+    """``weight_t`` = Wᵀ ``[T, in, out]``, bias ``[T, 1, out]``; x ``[T, B..., in]``, or
+    ``[B·T, ..., in]`` when stacked."""
+    if stacked:  # [B·T, R..., in] -> [T, B·R, in] and back
+        batch = x.shape[0] // tasks
+        rest = x.shape[1:-1]
+        xt = x.reshape(batch, tasks, -1, x.shape[-1]).transpose(0, 1).reshape(
+            tasks, -1, x.shape[-1])
+    elif x.dim() == 3:  # [T, B, in] as it is: not even a view node for autograd
+        xt = x
+    else:
+        xt = x.reshape(tasks, -1, x.shape[-1])
     y = torch.bmm(xt, weight_t) if bias is None else torch.baddbmm(bias, xt, weight_t)
-    return y.reshape(*lead, weight_t.shape[2])
+    if stacked:
+        return y.reshape(tasks, batch, -1, y.shape[-1]).transpose(0, 1).reshape(
+            batch * tasks, *rest, y.shape[-1])
+    return y if x.dim() == 3 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _conv2d(m: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             tasks: int) -> torch.Tensor:
-    """x ``[T·B, C, H, W]``; the T tasks become T groups of one convolution."""
+    """x ``[B·T, C, H, W]`` = ``[B, T·C, H, W]``: the T tasks are T groups of one
+    convolution, whose output ``[B, T·O, H', W']`` is ``[B·T, O, H', W']`` again."""
     batch = x.shape[0] // tasks
-    grouped = x.reshape(tasks, batch, *x.shape[1:]).transpose(0, 1).reshape(
-        batch, tasks * x.shape[1], *x.shape[2:])
-    y = F.conv2d(grouped, weight.reshape(-1, *weight.shape[2:]),
+    y = F.conv2d(x.reshape(batch, tasks * x.shape[1], *x.shape[2:]),
+                 weight.reshape(-1, *weight.shape[2:]),
                  None if bias is None else bias.reshape(-1), m.stride, m.padding, m.dilation,
                  groups=tasks)
-    out_channels = weight.shape[1]
-    return y.reshape(batch, tasks, out_channels, *y.shape[2:]).transpose(0, 1).reshape(
-        tasks * batch, out_channels, *y.shape[2:])
+    return y.reshape(batch * tasks, weight.shape[1], *y.shape[2:])
 
 
 def _affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -258,23 +273,27 @@ def _affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
 def _batch_norm2d(m: nn.BatchNorm2d, x: torch.Tensor, weight: torch.Tensor | None,
                   bias: torch.Tensor | None, tasks: int) -> torch.Tensor:
     """Each task normalised with its own batch statistics (or the shared running ones in
-    eval mode), then scaled by its own γ, β: one native ``batch_norm`` over ``[B, T·C, H·W]``,
-    whose T·C channels are the tasks' channels."""
+    eval mode), then scaled by its own γ, β: one native ``batch_norm`` over ``[B, T·C, H·W]``
+    (a view of x ``[B·T, C, H, W]``), whose T·C channels are the tasks' channels."""
     batch, channels = x.shape[0] // tasks, x.shape[1]
     batch_stats = m.training or not m.track_running_stats or m.running_mean is None
-    grouped = x.reshape(tasks, batch, channels, -1).transpose(0, 1).reshape(
-        batch, tasks * channels, -1)
     running = (None, None) if batch_stats else (m.running_mean.repeat(tasks),
                                                  m.running_var.repeat(tasks))
-    y = F.batch_norm(grouped, *running, None if weight is None else weight.reshape(-1),
+    y = F.batch_norm(x.reshape(batch, tasks * channels, -1), *running,
+                     None if weight is None else weight.reshape(-1),
                      None if bias is None else bias.reshape(-1), training=batch_stats,
                      eps=m.eps)
-    return y.reshape(batch, tasks, channels, -1).transpose(0, 1).reshape(x.shape)
+    return y.reshape(x.shape)
 
 
 def _layer_norm(m: nn.LayerNorm, x: torch.Tensor, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, tasks: int) -> torch.Tensor:
+                bias: torch.Tensor | None, tasks: int, stacked: bool) -> torch.Tensor:
     y = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-    yt = y.reshape(tasks, -1, *m.normalized_shape)
-    shape = (tasks, 1, *m.normalized_shape)
+    features = m.normalized_shape
+    if stacked:  # [B·T, R..., *features]: task t is every T-th row
+        yt = y.reshape(x.shape[0] // tasks, tasks, -1, *features)
+        shape = (1, tasks, 1, *features)
+    else:
+        yt = y.reshape(tasks, -1, *features)
+        shape = (tasks, 1, *features)
     return _affine(yt, weight, bias, shape).reshape(x.shape)

@@ -55,23 +55,30 @@ _RUNNERS: weakref.WeakKeyDictionary[nn.Module, BatchedModule] = weakref.WeakKeyD
 _SUPPORT: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], list[str]]] = (
     weakref.WeakKeyDictionary())
 
-# How "auto" was chosen. Batched is the default wherever a model has a task-batched form: its
-# meta-step (MAML, inner loop + query loss + meta-gradient + outer Adam step, float32, T=25,
-# 10-shot sinusoid MLP) ran 1.2-1.75x faster than the same step with vmap, on the project's
-# 2-core CPU while another process shared it (see benchmarks/bench_maml.py for quiet runs);
-# on conv-4 (5-way 1-shot 28x28, T=8, second order) batched, vmap and the loop are within
-# the run-to-run noise of each other (compute-bound: 300-350 ms each). Batched also gets
-# second order right through BatchNorm, which vmap does not. An earlier measurement, before
-# batched existed (vmap ms / loop ms): sinusoid K=1 second order 5.3 / 35.3, first order
-# 3.2 / 16.1, K=5 25.6 / 193.0; conv-4 32 filters T=8 117.8 / 159.3 (first order
-# 40.6 / 62.1). So for models without a batched form "auto" is vmap, which never lost by more
-# than the noise, with no probe: a timing probe at run time would cost two extra inner loops,
-# flip with machine load, and make results (which differ in rounding order between the
-# strategies) change from run to run. Not measured on a GPU.
+# How "auto" was chosen: MAML meta-steps (inner loop + query loss + meta-gradient + outer Adam
+# step, float32, second order), on the project's 2-core CPU, torch 2.13, min_run_time 1-3 s:
 #
-# Correctness overrides speed: affine norm layers other than BatchNorm2d/LayerNorm get wrong
-# second-order gradients under vmap (see _wrong_under_vmap_second_order), so "auto" runs those
-# models in the loop when create_graph=True, and in vmap for first order.
+#   model                                                   batched    vmap     loop    eager*
+#   sinusoid MLP 1-40-40-1, T=25, 10-shot, K=1              6.1 ms     8.2 ms   -       61 ms
+#                                                 K=5      19.0 ms    30.8 ms   -      251 ms
+#   conv-4 64 filters, BN, 28x28, 5-way 1-shot + 15 queries
+#     per class, T=8, K=1                                   1392 ms   ~2000 ms  1081 ms  1156 ms
+#   (* a per-task Python loop of functional_call and p - lr * g, learn2learn's pattern)
+#
+# Dense models are bound by per-op overhead, which batching divides by T: batched wins. Conv
+# models are bound by memory traffic: batched activations of all tasks ([75, 8·64, 28, 28], 120
+# MB a layer) stream from DRAM where one task's (15 MB) stays in the 32 MB L3, so the loop wins
+# there (with 5 queries per task the three were within noise of each other). So "auto" is
+# batched for models without convolutions, and otherwise what it was before batched existed:
+# vmap, which never lost to the loop by more than noise in the first measurements (sinusoid
+# K=1 second order 5.3 vs 35.3 ms, first order 3.2 vs 16.1; conv-4 32 filters T=8 117.8 vs
+# 159.3), except where vmap runs wrong or cannot run (below). No timing probe at run time: it
+# would cost extra inner loops, flip with machine load, and make results (which differ in
+# rounding order between strategies) change from run to run. Not measured on a GPU.
+#
+# Correctness overrides speed: affine norm layers get wrong second-order gradients under vmap
+# (see _wrong_under_vmap_second_order), so "auto" runs those models batched (when they have no
+# convolutions) or in the loop when create_graph=True, and in vmap for first order.
 
 
 class InnerLoopResult(NamedTuple):
@@ -129,9 +136,9 @@ def _wrong_under_vmap_second_order(module: nn.Module) -> list[str]:
 def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = True) -> str:
     """Turns ``strategy`` into ``"batched"``, ``"vmap"`` or ``"loop"`` for this model.
 
-    ``"auto"`` is ``"batched"`` for a model that :mod:`fastmeta.batched` can run (every layer
-    has a task-batched form; see the measurements above). Otherwise it is ``"vmap"``, except
-    where vmap cannot run or runs wrong; then it is ``"loop"``:
+    ``"auto"`` is ``"batched"`` for a model without convolutions that :mod:`fastmeta.batched`
+    can run (every layer has a task-batched form; see the measurements above). Otherwise it is
+    ``"vmap"``, except where vmap cannot run or runs wrong; then it is ``"loop"``:
 
     * a forward that updates buffers in place (allowed with ``mutable_buffers="allow"``);
     * second order (``create_graph``) through a norm layer whose second derivatives torch
@@ -146,7 +153,7 @@ def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = T
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy in ("auto", "batched"):
         problems = _unsupported_cached(module)
-        if not problems:
+        if not problems and (strategy == "batched" or not _has_convolutions(module)):
             return "batched"
         if strategy == "batched":
             raise ValueError("strategy='batched' cannot run this model: " + "; ".join(problems)
@@ -195,6 +202,10 @@ def _scalar(loss: Any) -> torch.Tensor:
         shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f"loss_fn must return one scalar tensor per task, got {shape}")
     return loss
+
+
+def _has_convolutions(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
 
 def _unsupported_cached(module: nn.Module) -> list[str]:

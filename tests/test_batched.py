@@ -33,6 +33,9 @@ MODELS = {
                               nn.Linear(5, 2)), (6, 3)),
     "conv4-batchnorm": (lambda: Conv4(1, 4, filters=4, image_size=8), (5, 1, 8, 8)),
     "conv-strided-eval-batchnorm": (_eval_bn_net, (4, 1, 6, 6)),
+    "conv-layernorms": (
+        lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.LayerNorm([2, 4, 4]), nn.LayerNorm(4),
+                              nn.Flatten(), nn.LayerNorm(32), nn.Linear(32, 2)), (4, 1, 6, 6)),
     "conv-stride2-nobias": (
         lambda: nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, bias=False), nn.AvgPool2d(1),
                               nn.Flatten(), nn.Linear(3 * 3 * 3, 1)), (2, 2, 7, 7)),
