@@ -9,6 +9,7 @@ layouts and contiguity. Errors name the argument and the index (``grads[3]``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -318,14 +319,27 @@ def broadcastable(name: str, value, param: torch.Tensor):
     return value
 
 
+# Read-only hyperparameter tables of all-number configurations; see hyper_table.
+_FLOAT_TABLES: dict[tuple[Any, ...], torch.Tensor] = {}
+_FLOAT_TABLES_MAX = 256
+
+
 def hyper_table(cfg: StepConfig, names: Sequence[str], tensors: Sequence[torch.Tensor],
                 tasks: int, numel: int, device: torch.device) -> torch.Tensor:
     """A float64 ``[H, T]`` table of per-task hyperparameter values for the kernels. A
     per-element ``lr`` goes to the kernels as its own array; its row holds zeros."""
     values = [cfg.hyper(name, tensors) for name in names]
-    if not any(isinstance(v, torch.Tensor) for v in values):  # the common case: one small copy
-        table = torch.tensor(values, dtype=torch.float64).unsqueeze(1).expand(-1, tasks)
-        return table.contiguous().to(device, non_blocking=True)
+    if not any(isinstance(v, torch.Tensor) for v in values):  # the common case: all numbers
+        # The kernels only read the table, so one per (values, T, device) is kept: building it
+        # (~50 µs) cost more than a whole step on a [25, 5] buffer (CAVIA's context).
+        key = (tuple(values), tasks, device)
+        table = _FLOAT_TABLES.get(key)
+        if table is None:
+            if len(_FLOAT_TABLES) >= _FLOAT_TABLES_MAX:
+                _FLOAT_TABLES.clear()
+            table = torch.tensor(values, dtype=torch.float64).unsqueeze(1).expand(-1, tasks)
+            table = _FLOAT_TABLES[key] = table.contiguous().to(device, non_blocking=True)
+        return table
     rows = []
     for name in names:
         value = cfg.hyper(name, tensors)
