@@ -37,8 +37,8 @@ from torch import nn
 from fastmeta.batched import BatchedModule, unsupported
 from fastmeta.flat import FlatLayout, buffer_mutating_modules
 
-__all__ = ["STRATEGIES", "InnerLoopResult", "as_step", "batched_runner", "inner_loop",
-           "resolve_strategy", "task_losses"]
+__all__ = ["STRATEGIES", "InnerLoopResult", "as_step", "batched_runner", "check_steps",
+           "inner_loop", "resolve_strategy", "task_losses"]
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, Any, int], "tuple[torch.Tensor, Any]"]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -173,6 +173,14 @@ def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = T
     if strategy != "auto":
         return strategy
     return "loop" if mutates or wrong or module in _VMAP_FAILED else "vmap"
+
+
+def check_steps(steps: Any, name: str) -> int:
+    """``steps`` if it is a non-negative int (a number of inner steps), else ``ValueError``
+    naming ``name``."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {steps!r}")
+    return steps
 
 
 def _as_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
@@ -386,8 +394,7 @@ def inner_loop(
     tasks = params.shape[0]
     xs = _as_tuple(inputs)
     _check_data(xs, targets, tasks, params.device)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    check_steps(steps, "steps")
     if not callable(step):
         raise TypeError(f"step must be callable, got {type(step).__name__}")
     if not callable(loss_fn):

@@ -231,7 +231,7 @@ def test_errors():
     with pytest.raises(ValueError, match="steps"):
         cavia.evaluate(episode, steps=-2)
     per_example = CAVIA(mlp, loss_fn=lambda o, y: (o - y).square(), num_context_params=CONTEXT)
-    with pytest.raises(ValueError, match="one scalar loss per task"):
+    with pytest.raises(ValueError, match="one scalar (loss|tensor) per task"):
         per_example(episode)
 
 

@@ -38,15 +38,15 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastmeta import functional
 from fastmeta.backends import Impl
-from fastmeta.tasks.episodes import Episode
+from fastmeta.inner_loop import check_steps, task_losses
+from fastmeta.tasks.episodes import Episode, check_episode
 
 __all__ = ["CAVIA", "CONTEXT_MODES", "CAVIAOutput"]
 
@@ -135,7 +135,7 @@ class CAVIA(nn.Module):
         if (isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float))
                 or not math.isfinite(inner_lr) or inner_lr < 0):
             raise ValueError(f"inner_lr must be a finite number >= 0, got {inner_lr!r}")
-        _check_steps(inner_steps, "inner_steps")
+        check_steps(inner_steps, "inner_steps")
         if next(model.parameters(), None) is None:
             raise ValueError("model has no parameters to meta-learn")
         batch_norms = [name for name, m in model.named_modules()
@@ -207,19 +207,9 @@ class CAVIA(nn.Module):
         return self.model(inputs)
 
     def task_losses(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``[T]``: ``loss_fn`` of each task's ``outputs [T, n, ...]`` against its targets."""
-        tasks = outputs.shape[0]
-        if self.loss_fn is F.mse_loss and outputs.shape == targets.shape:
-            losses = (outputs - targets).square().reshape(tasks, -1).mean(1)
-        elif (self.loss_fn is F.cross_entropy and outputs.dim() == 3
-              and targets.shape == outputs.shape[:2] and not targets.is_floating_point()):
-            losses = F.cross_entropy(outputs.flatten(0, 1), targets.flatten(),
-                                     reduction="none").view(tasks, -1).mean(1)
-        else:
-            losses = torch.func.vmap(self.loss_fn)(outputs, targets)
-        if losses.shape != (tasks,):
-            raise ValueError("loss_fn must return one scalar loss per task")
-        return losses
+        """``[T]``: ``loss_fn`` of each task's ``outputs [T, n, ...]`` against its targets
+        (see :func:`fastmeta.inner_loop.task_losses`)."""
+        return task_losses(self.loss_fn, outputs, targets)
 
     # ---- adaptation --------------------------------------------------------------------------
 
@@ -243,7 +233,7 @@ class CAVIA(nn.Module):
         Returns:
             ``(context [T, d], support_losses [K, T])``, the losses detached.
         """
-        steps = self.inner_steps if steps is None else _check_steps(steps, "steps")
+        steps = self.inner_steps if steps is None else check_steps(steps, "steps")
         if create_graph is None:
             create_graph = not self.first_order
         if not isinstance(support_x, torch.Tensor) or support_x.dim() < 2:
@@ -277,7 +267,7 @@ class CAVIA(nn.Module):
     def forward(self, episode: Episode, *, steps: int | None = None) -> CAVIAOutput:
         """The meta-loss of a meta-batch: adapt each task's context on its support set, then
         the mean query loss. ``output.loss.backward()`` gives the meta-gradient of θ."""
-        _check_episode(episode)
+        check_episode(episode)
         context, support_losses = self.adapt(episode.support_x, episode.support_y, steps=steps)
         losses, accuracy = self._query(context, episode)
         return CAVIAOutput(losses.mean(), losses, support_losses, accuracy, context)
@@ -286,7 +276,7 @@ class CAVIA(nn.Module):
         """Adapts (first order: no graph to θ is kept) and measures the query loss and accuracy
         of each task. Everything returned is detached; the model's parameters get no
         gradient."""
-        _check_episode(episode)
+        check_episode(episode)
         with torch.enable_grad():
             context, support_losses = self.adapt(episode.support_x, episode.support_y,
                                                  steps=steps, create_graph=False)
@@ -300,14 +290,3 @@ class CAVIA(nn.Module):
                 f"context_mode={self.context_mode!r}, inner_lr={self.inner_lr}, "
                 f"inner_steps={self.inner_steps}, first_order={self.first_order}")
 
-
-def _check_steps(steps: Any, name: str) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {steps!r}")
-    return steps
-
-
-def _check_episode(episode: Any) -> None:
-    if not isinstance(episode, Episode):
-        raise TypeError(f"expected an Episode (fastmeta.tasks.Episode), got "
-                        f"{type(episode).__name__}")

@@ -35,8 +35,15 @@ from torch import nn
 from fastmeta import functional
 from fastmeta.backends import Impl
 from fastmeta.flat import FlatLayout
-from fastmeta.inner_loop import as_step, batched_runner, inner_loop, resolve_strategy, task_losses
-from fastmeta.tasks.episodes import Episode
+from fastmeta.inner_loop import (
+    as_step,
+    batched_runner,
+    check_steps,
+    inner_loop,
+    resolve_strategy,
+    task_losses,
+)
+from fastmeta.tasks.episodes import Episode, check_episode
 
 __all__ = ["INNER_OPTIMIZERS", "MAML", "MetaOutput"]
 
@@ -130,7 +137,7 @@ class MAML(nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        _check_steps(inner_steps, "inner_steps")
+        check_steps(inner_steps, "inner_steps")
         if isinstance(inner_optimizer, str):
             if inner_optimizer not in INNER_OPTIMIZERS:
                 raise ValueError(f"inner_optimizer must be one of {sorted(INNER_OPTIMIZERS)} or "
@@ -218,7 +225,7 @@ class MAML(nn.Module):
 
     def _adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None,
                create_graph: bool, *, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        steps = self.inner_steps if steps is None else _check_steps(steps, "steps")
+        steps = self.inner_steps if steps is None else check_steps(steps, "steps")
         if not isinstance(support_x, torch.Tensor) or support_x.dim() < 2:
             raise ValueError("support_x must be a tensor [T, S, ...] with a leading task "
                              "dimension")
@@ -274,7 +281,7 @@ class MAML(nn.Module):
 
         ``output.loss.backward()`` gives the meta-gradient of θ (and of a learned α).
         """
-        _check_episode(episode)
+        check_episode(episode)
         params, support_losses = self.adapt(episode.support_x, episode.support_y, steps=steps)
         losses, accuracy = self._query(params, episode)
         return MetaOutput(losses.mean(), losses, support_losses, accuracy, params)
@@ -284,7 +291,7 @@ class MAML(nn.Module):
 
         Everything returned is detached; the model's parameters get no gradient.
         """
-        _check_episode(episode)
+        check_episode(episode)
         with torch.enable_grad():
             params, support_losses = self._adapt(episode.support_x, episode.support_y, steps,
                                                  create_graph=False, detach=True)
@@ -300,14 +307,3 @@ class MAML(nn.Module):
                 f"first_order={self.first_order}, learn_inner_lr={self.learn_inner_lr!r}, "
                 f"strategy={self.strategy!r}")
 
-
-def _check_steps(steps: Any, name: str) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {steps!r}")
-    return steps
-
-
-def _check_episode(episode: Any) -> None:
-    if not isinstance(episode, Episode):
-        raise TypeError(f"expected an Episode (fastmeta.tasks.Episode), got "
-                        f"{type(episode).__name__}")

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Episode", "FewShotTasks", "ImageClass", "SeededSampler", "TensorClass"]
+__all__ = ["Episode", "FewShotTasks", "ImageClass", "SeededSampler", "TensorClass",
+           "check_episode"]
 
 # Quarter turns a rotation may take, in degrees (Omniglot's extra classes, Santoro et al. 2016).
 ROTATIONS = (0, 90, 180, 270)
@@ -83,6 +84,14 @@ class Episode:
 
 
 _EPISODE_FIELDS = ("support_x", "support_y", "query_x", "query_y")
+
+
+def check_episode(episode: Any) -> None:
+    """Raises ``TypeError`` unless ``episode`` is an :class:`Episode` (the meta-learners'
+    common entry check)."""
+    if not isinstance(episode, Episode):
+        raise TypeError(f"expected an Episode (fastmeta.tasks.Episode), got "
+                        f"{type(episode).__name__}")
 
 
 def _device_of(args: tuple, kwargs: dict) -> torch.device | None:
