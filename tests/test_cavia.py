@@ -17,6 +17,7 @@ from fastmeta.meta import CAVIA, MLP, Conv4, FiLMConv4, runs
 from fastmeta.meta.training import load_checkpoint, read_metrics
 from fastmeta.optim import Adam
 from fastmeta.tasks import Episode, FewShotTasks, SinusoidTasks, TensorClass
+from tests.test_tasks import omniglot_root  # noqa: F401 (a fixture)
 
 # "The meta-gradient equals a plain torch.func implementation to 1e-5 relative" (issue 6).
 META_GRAD_RTOL = 1e-5
@@ -335,3 +336,18 @@ def test_cli_run_without_matplotlib_skips_the_plots(tmp_path, monkeypatch, capsy
     assert "matplotlib is not installed: not writing adapted.png and context.png" in \
         capsys.readouterr().err
     assert (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["cavia", "maml"])
+def test_cli_omniglot_folder_run(tmp_path, omniglot_root, algorithm):  # noqa: F811
+    """A folder in the Omniglot layout (generated PNGs) trains and evaluates end to end."""
+    out = tmp_path / "omniglot"
+    rc = main(["train", algorithm, "--task", "omniglot", "--omniglot-root", str(omniglot_root),
+               "--ways", "2", "--shots", "1", "--queries", "1", "--meta-batch", "2",
+               "--filters", "4", "--iterations", "2", "--eval-every", "2", "--eval-tasks", "4",
+               "--eval-steps", "1", *(["--num-context-params", "8"] if algorithm == "cavia"
+                                      else []), "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["task"] == "omniglot"
+    assert 0 <= summary["evaluation"][0]["accuracy"]["mean"] <= 1
