@@ -203,3 +203,87 @@ def test_learned_skips_params_without_grad_and_counts_non_finite_entries():
     assert torch.equal(b, before_b) and not opt.state[b]
     assert opt.state[w]["nonfinite"] == 1
     assert torch.isfinite(opt.state[w]["h1"]).all()
+
+
+# ---- meta-training ------------------------------------------------------------------------
+
+
+def test_quadratics_are_the_papers_family():
+    from fastmeta.meta.lstm_training import QuadraticProblems
+
+    g = torch.Generator().manual_seed(0)
+    problems = QuadraticProblems(4, generator=g, dtype=torch.float64)
+    theta = torch.randn(4, 10, dtype=torch.float64)
+    expected = torch.stack([(problems.W[b] @ theta[b] - problems.y[b]).square().sum()
+                            for b in range(4)])
+    assert_close(problems.loss(theta), expected)
+    with pytest.raises(ValueError, match="batch"):
+        QuadraticProblems(0)
+
+
+@pytest.mark.parametrize("second_order", [False, True], ids=["first_order", "second_order"])
+def test_unroll_meta_gradient_matches_finite_differences(second_order):
+    """The meta-gradient of an unroll w.r.t. the rule's head, against central differences
+    (float64). Second order: of the unroll itself. First order: of the same unroll with the
+    optimizee gradients frozen at their values (what first order differentiates)."""
+    from fastmeta.meta.lstm_training import QuadraticProblems, unroll
+
+    torch.manual_seed(0)
+    rule = LSTMOptimizer(hidden_size=4).double()
+    problems = QuadraticProblems(2, dim=3, generator=torch.Generator().manual_seed(1),
+                                 dtype=torch.float64)
+    weight = rule.head.weight
+    frozen = []  # the optimizee gradients of the unperturbed unroll
+
+    def frozen_gradient_loss(theta):
+        loss = problems.loss(theta)
+        if not frozen_gradients_recorded:
+            frozen.append(torch.autograd.grad(loss.sum(), theta, retain_graph=True)[0].detach())
+        return loss
+
+    frozen_gradients_recorded = False
+    result = unroll(rule, frozen_gradient_loss, problems.theta0, None, 3,
+                    second_order=second_order)
+    frozen_gradients_recorded = True
+    (analytic,) = torch.autograd.grad(result.meta_loss, weight)
+
+    def meta_loss():
+        if second_order:
+            return unroll(rule, problems.loss, problems.theta0, None, 3,
+                          second_order=True).meta_loss
+        theta, state, total = problems.theta0, None, 0.0
+        for g in frozen:
+            total = total + problems.loss(theta).mean()
+            update, state = rule(g.reshape(-1), state)
+            theta = theta + update.view_as(theta)
+        return total
+
+    eps, numeric = 1e-6, torch.zeros_like(weight)
+    with torch.no_grad():
+        for j in range(weight.shape[1]):
+            weight[0, j] += eps
+            up = meta_loss()
+            weight[0, j] -= 2 * eps
+            down = meta_loss()
+            weight[0, j] += eps
+            numeric[0, j] = (up - down) / (2 * eps)
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-7)
+
+
+def test_meta_training_reduces_the_held_out_loss():
+    from fastmeta.meta.lstm_training import QuadraticProblems, meta_train, unroll
+
+    torch.manual_seed(0)
+    rule = LSTMOptimizer()
+    held_out = QuadraticProblems(32, generator=torch.Generator().manual_seed(123))
+
+    def final_loss():
+        with torch.enable_grad():
+            result = unroll(rule, held_out.loss, held_out.theta0, None, 20)
+        return float(held_out.loss(result.theta.detach()).mean())
+
+    before = final_loss()
+    history = meta_train(rule, lambda g: QuadraticProblems(32, generator=g), epochs=15,
+                         horizon=20, unroll_steps=10, lr=3e-3)
+    assert len(history) == 15 and history[-1] < history[0]
+    assert final_loss() < 0.5 * before

@@ -1,0 +1,152 @@
+"""Meta-training the LSTM rule by truncated backpropagation through the optimizee's training.
+
+An optimizee family gives a batch of B problems with parameters ``θ [B, n]`` and per-problem
+losses ``f_b(θ_b)``. The rule (:class:`~fastmeta.meta.LSTMOptimizer`) optimizes all of them at
+once, every coordinate of every problem being one row of the rule's batch. The meta-loss of an
+unroll is the sum of the optimizee losses along the trajectory (Andrychowicz et al. 2016,
+eq. 3, with all weights w_t = 1):
+
+.. math::
+    \\mathcal{L}(\\phi) = \\sum_{t=1}^{T} \\frac{1}{B} \\sum_b f_b(\\theta_{b,t}), \\qquad
+    \\theta_{t+1} = \\theta_t + \\mathrm{rule}_\\phi(\\nabla f(\\theta_t))
+
+Training runs ``horizon`` optimizee steps (100), split into truncations of ``unroll`` steps
+(20): after each truncation the meta-gradient of that truncation's loss updates the rule with
+Adam, and θ and the LSTM state are carried on, detached. With ``second_order=False`` (the
+paper's choice) the optimizee gradients are treated as constants, dropping the second
+derivatives ∂²f/∂θ².
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from fastmeta.meta.lstm_optimizer import LSTMOptimizer
+from fastmeta.ops.lstm_rule import LSTMState
+
+__all__ = ["QuadraticProblems", "UnrollResult", "meta_train", "unroll"]
+
+# Andrychowicz et al. 2016, section 3.1: 10-dimensional quadratics.
+QUADRATIC_DIM = 10
+
+
+class QuadraticProblems:
+    """A batch of B random quadratics f_b(θ) = ||W_b θ − y_b||², W_b ``[n, n]`` and y_b
+    ``[n]`` with i.i.d. standard Gaussian entries, started from θ_0 ~ N(0, I).
+
+    Args:
+        batch: B, the number of functions.
+        dim: n (10 in the paper).
+        generator: the source of W, y and θ_0.
+        dtype: of everything.
+    """
+
+    def __init__(self, batch: int, dim: int = QUADRATIC_DIM, *,
+                 generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        self.W = torch.randn(batch, dim, dim, generator=generator, dtype=dtype)
+        self.y = torch.randn(batch, dim, generator=generator, dtype=dtype)
+        self.theta0 = torch.randn(batch, dim, generator=generator, dtype=dtype)
+
+    def loss(self, theta: torch.Tensor) -> torch.Tensor:
+        """``[B]``: f_b(θ_b) for θ ``[B, n]``."""
+        residual = torch.bmm(self.W, theta.unsqueeze(-1)).squeeze(-1) - self.y
+        return residual.square().sum(-1)
+
+
+class UnrollResult(NamedTuple):
+    """What :func:`unroll` returns."""
+
+    #: () the summed mean loss along the unroll (differentiable w.r.t. the rule).
+    meta_loss: torch.Tensor
+    #: [B, n] the parameters after the unroll.
+    theta: torch.Tensor
+    #: the rule's state after the unroll.
+    state: LSTMState | None
+    #: [steps, B] each problem's loss before each step (detached).
+    losses: torch.Tensor
+
+
+def unroll(rule: LSTMOptimizer, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+           theta: torch.Tensor, state: LSTMState | None, steps: int, *,
+           second_order: bool = False) -> UnrollResult:
+    """``steps`` rule steps on a batch of problems, differentiable w.r.t. the rule's weights.
+
+    Args:
+        rule: the learned rule.
+        loss_fn: ``θ [B, n] -> [B]`` losses of the B problems.
+        theta: ``[B, n]`` starting parameters.
+        state: the rule's state for the ``B·n`` coordinates (None: zeros).
+        steps: the number of optimizee steps.
+        second_order: differentiate through the optimizee gradients (otherwise they are
+            constants, as in the paper).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if theta.dim() != 2:
+        raise ValueError(f"theta must be [B, n], got {list(theta.shape)}")
+    # The optimizee gradients need autograd even when the caller runs without it.
+    with torch.enable_grad():
+        if not theta.requires_grad:
+            theta = theta.detach().requires_grad_()
+        meta_loss = theta.new_zeros(())
+        losses = []
+        for _ in range(steps):
+            loss = loss_fn(theta)
+            if loss.shape != theta.shape[:1]:
+                raise ValueError(f"loss_fn must return one loss per problem [B], got "
+                                 f"{list(loss.shape)}")
+            # retain_graph: the meta-loss backpropagates through this loss's graph later.
+            (grad,) = torch.autograd.grad(loss.sum(), theta, create_graph=second_order,
+                                          retain_graph=True)
+            if not second_order:
+                grad = grad.detach()
+            update, state = rule(grad.reshape(-1), state)
+            theta = theta + update.view_as(theta)
+            meta_loss = meta_loss + loss.mean()
+            losses.append(loss.detach())
+    return UnrollResult(meta_loss, theta, state, torch.stack(losses))
+
+
+def meta_train(rule: LSTMOptimizer, make_problems: Callable[[torch.Generator], QuadraticProblems],
+               *, epochs: int, horizon: int = 100, unroll_steps: int = 20, lr: float = 1e-3,
+               second_order: bool = False, seed: int = 0,
+               on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+    """Meta-trains ``rule`` in place by truncated BPTT; returns each epoch's mean loss.
+
+    Each epoch samples fresh problems (``make_problems(generator)``), optimizes them for
+    ``horizon`` steps in truncations of ``unroll_steps``, and after each truncation takes one
+    Adam step (at ``lr``) on the rule's weights.
+    """
+    if horizon % unroll_steps:
+        raise ValueError(f"horizon ({horizon}) must be a multiple of unroll_steps "
+                         f"({unroll_steps})")
+    from fastmeta.optim import Adam  # the optim layer sits above this module's imports
+
+    generator = torch.Generator().manual_seed(seed)
+    outer = Adam(rule.parameters(), lr=lr)
+    history = []
+    for epoch in range(epochs):
+        problems = make_problems(generator)
+        theta, state = problems.theta0, None
+        total = 0.0
+        for _ in range(horizon // unroll_steps):
+            result = unroll(rule, problems.loss, theta, state, unroll_steps,
+                            second_order=second_order)
+            outer.zero_grad()
+            result.meta_loss.backward()
+            outer.step()
+            theta = result.theta.detach()
+            state = LSTMState(*(s.detach() for s in result.state))
+            total += float(result.losses.mean())
+        history.append(total / (horizon // unroll_steps))
+        if on_epoch is not None:
+            on_epoch(epoch, history[-1])
+    return history
