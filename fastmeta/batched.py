@@ -34,6 +34,8 @@ would silently turn into mixing tasks. :func:`unsupported` names what stands in 
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,29 +69,33 @@ def _known_containers() -> tuple[type, ...]:
 
 
 def _layer_problem(module: nn.Module) -> str | None:
-    """Why ``module`` (one submodule) cannot run task-batched, or None."""
-    has_params = any(True for _ in module.parameters(recurse=False))
-    if isinstance(module, nn.Linear):
+    """Why ``module`` (one submodule) cannot run task-batched, or None. Types are matched
+    exactly: a subclass may have its own forward or parameters, which the batched form would
+    silently drop."""
+    kind = type(module)
+    if kind is nn.Linear or kind is nn.LayerNorm:
         return None
-    if isinstance(module, nn.Conv2d):
+    if kind is nn.Conv2d:
         if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding,
                                                                               str):
             return "a Conv2d with groups, a padding mode or string padding"
         return None
-    if isinstance(module, nn.BatchNorm2d):
+    if kind is nn.BatchNorm2d:
         if module.training and module.track_running_stats and module.running_mean is not None:
             return "a BatchNorm2d that updates running statistics"
         return None
-    if isinstance(module, nn.LayerNorm):
+    if kind in (nn.Flatten, nn.Unflatten) and (
+            getattr(module, "start_dim", 1) == 0 or getattr(module, "dim", 1) == 0):
+        return f"a {kind.__name__} over the batch dimension"
+    if kind in PER_EXAMPLE:
         return None
-    if isinstance(module, PER_EXAMPLE):
-        return None
-    if has_params or any(True for _ in module.buffers(recurse=False)):
-        return f"a {type(module).__name__} (no task-batched form)"
+    if any(True for _ in module.parameters(recurse=False)) or any(
+            True for _ in module.buffers(recurse=False)):
+        return f"a {kind.__name__} (no task-batched form)"
     if next(module.children(), None) is None:
-        return f"a {type(module).__name__} (not known to act on each example alone)"
-    if not isinstance(module, _known_containers()):
-        return f"a {type(module).__name__} container (its forward could mix examples)"
+        return f"a {kind.__name__} (not known to act on each example alone)"
+    if kind not in _known_containers():
+        return f"a {kind.__name__} container (its forward could mix examples)"
     return None
 
 
@@ -129,7 +135,12 @@ class BatchedModule:
         problems = unsupported(module)
         if problems:
             raise ValueError("cannot run this model task-batched: " + "; ".join(problems))
-        self.module = module
+        if layout is not None:
+            layout.check_module(module)
+        # Weak: a runner cached per model (fastmeta.inner_loop) must not keep the model alive.
+        self._module = weakref.ref(module)
+        # Calls patch the layers' forwards, so two threads must not run one model at once.
+        self._lock = threading.RLock()
         self.layout = layout if layout is not None else FlatLayout.of(module)
         index_of = dict(self.layout.slots)
         # (submodule, {parameter name: entry index}) for every layer that holds parameters.
@@ -167,20 +178,34 @@ class BatchedModule:
             xs = tuple(x.transpose(0, 1).reshape(tasks * per_task, *x.shape[2:]) for x in xs)
         # Every parameter as a [T, *shape] view, from one autograd node (not two per tensor).
         views = _TaskViews.apply(params, self.layout.entries, self._forms)
-        patched = []
-        try:
-            for m, own in self._layers:
-                weights = {n: views[i] for n, i in own.items()}
-                # An instance attribute shadows the class's forward until deleted.
-                m.forward = _batched_forward(m, weights, tasks, self._stack)
-                patched.append(m)
-            out = self.module(*xs)
-        finally:
-            for m in patched:
-                del m.forward
+        module = self.module
+        with self._lock:
+            patched = []
+            try:
+                for m, own in self._layers:
+                    weights = {n: views[i] for n, i in own.items()}
+                    # An instance attribute shadows the class's forward; any forward already
+                    # set on the instance (a hook library's) is put back afterwards.
+                    patched.append((m, m.__dict__.get("forward")))
+                    m.forward = _batched_forward(m, weights, tasks, self._stack)
+                out = module(*xs)
+            finally:
+                for m, previous in patched:
+                    if previous is None:
+                        del m.forward
+                    else:
+                        m.forward = previous
         if not self._stack:
             return out
         return out.reshape(per_task, tasks, *out.shape[1:]).transpose(0, 1)
+
+
+    @property
+    def module(self) -> nn.Module:
+        module = self._module()
+        if module is None:
+            raise RuntimeError("the module of this BatchedModule no longer exists")
+        return module
 
 
 class _TaskViews(Function):
@@ -276,6 +301,9 @@ def _batch_norm2d(m: nn.BatchNorm2d, x: torch.Tensor, weight: torch.Tensor | Non
     eval mode), then scaled by its own γ, β: one native ``batch_norm`` over ``[B, T·C, H·W]``
     (a view of x ``[B·T, C, H, W]``), whose T·C channels are the tasks' channels."""
     batch, channels = x.shape[0] // tasks, x.shape[1]
+    if m.training and m.track_running_stats and m.running_mean is not None:
+        raise RuntimeError("a BatchNorm2d that updates running statistics (training mode with "
+                           "track_running_stats=True) cannot run task-batched")
     batch_stats = m.training or not m.track_running_stats or m.running_mean is None
     running = (None, None) if batch_stats else (m.running_mean.repeat(tasks),
                                                  m.running_var.repeat(tasks))

@@ -51,7 +51,8 @@ STRATEGIES = ("auto", "batched", "vmap", "loop")
 # the cache never keeps a model alive.
 _VMAP_FAILED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 # One BatchedModule per model (rebuilt when the model's layout is a new one). Weak, as above.
-_RUNNERS: weakref.WeakKeyDictionary[nn.Module, BatchedModule] = weakref.WeakKeyDictionary()
+_RUNNERS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, BatchedModule]] = (
+    weakref.WeakKeyDictionary())
 _SUPPORT: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], list[str]]] = (
     weakref.WeakKeyDictionary())
 
@@ -216,10 +217,18 @@ def _has_convolutions(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
 
+def _structure_key(module: nn.Module) -> tuple[Any, ...]:
+    """What the batched strategy depends on: which submodules there are, and the attributes
+    that decide whether (and how) each can run batched."""
+    return tuple((id(m), m.training, getattr(m, "track_running_stats", None),
+                  getattr(m, "running_mean", None) is None, getattr(m, "groups", None),
+                  getattr(m, "padding_mode", None)) for m in module.modules())
+
+
 def _unsupported_cached(module: nn.Module) -> list[str]:
     """:func:`fastmeta.batched.unsupported`, recomputed only when the module's submodules or
     their train/eval modes changed (it is asked on every inner loop)."""
-    key = tuple((id(m), m.training) for m in module.modules())
+    key = _structure_key(module)
     cached = _SUPPORT.get(module)
     if cached is None or cached[0] != key:
         cached = _SUPPORT[module] = (key, unsupported(module))
@@ -228,26 +237,29 @@ def _unsupported_cached(module: nn.Module) -> list[str]:
 
 def batched_runner(module: nn.Module, layout: FlatLayout) -> BatchedModule:
     """The (cached) :class:`~fastmeta.batched.BatchedModule` of ``module`` with ``layout``."""
-    runner = _RUNNERS.get(module)
-    if runner is None or runner.layout is not layout:
-        runner = _RUNNERS[module] = BatchedModule(module, layout)
-    return runner
+    key = (id(layout), tuple(id(m) for m in module.modules()))
+    cached = _RUNNERS.get(module)
+    if cached is None or cached[0] != key:  # a new layout, or a submodule was replaced
+        cached = _RUNNERS[module] = (key, BatchedModule(module, layout))
+    return cached[1]
 
 
 def task_losses(loss_fn: LossFn, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     """``[T]``: ``loss_fn(outputs[t], targets[t])`` for every task.
 
-    ``F.mse_loss`` and ``F.cross_entropy`` (themselves, with their defaults: mean reduction)
-    are computed for all tasks with plain batched ops; any other ``loss_fn`` in one vmapped call
-    (a Python loop where vmap cannot run it). vmap costs ~0.3 ms per call here, a tenth of a
-    whole sinusoid meta-step.
+    ``F.mse_loss`` and ``F.cross_entropy`` (themselves, with their defaults: mean reduction;
+    cross-entropy only when no target is the ignored index -100) are computed for all tasks
+    with plain batched ops, equal to the per-task calls up to float rounding (the sums run in
+    another order); any other ``loss_fn`` in one vmapped call (a Python loop where vmap cannot
+    run it). vmap costs ~0.3 ms per call here, a tenth of a whole sinusoid meta-step.
     """
     tasks = targets.shape[0]
     if loss_fn is F.mse_loss and isinstance(outputs, torch.Tensor) and (
             outputs.shape == targets.shape):
         return (outputs - targets).square().reshape(tasks, -1).mean(1)
     if (loss_fn is F.cross_entropy and isinstance(outputs, torch.Tensor) and outputs.dim() == 3
-            and targets.dim() == 2 and not targets.is_floating_point()):
+            and targets.dim() == 2 and not targets.is_floating_point()
+            and not bool((targets == -100).any())):  # ignore_index would change the mean
         per_example = F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]),
                                       targets.reshape(-1), reduction="none")
         return per_example.view(tasks, -1).mean(1)

@@ -137,3 +137,66 @@ def test_task_losses_equal_one_call_per_task(loss_fn, targets):
     y = targets()
     expected = torch.stack([loss_fn(outputs[t], y[t]) for t in range(TASKS)])
     assert_close(task_losses(loss_fn, outputs, y), expected)
+
+
+class _ScaledLinear(nn.Linear):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+class _CenteringSequential(nn.Sequential):
+    def forward(self, x):
+        y = super().forward(x)
+        return y - y.mean(0)
+
+
+@pytest.mark.parametrize("net,match", [
+    (nn.Sequential(_ScaledLinear(2, 2)), "_ScaledLinear"),
+    (_CenteringSequential(nn.Linear(2, 2)), "_CenteringSequential container"),
+    (nn.Sequential(nn.Linear(2, 2), nn.Flatten(start_dim=0)), "Flatten over the batch"),
+], ids=["linear-subclass", "sequential-subclass", "flatten-batch"])
+def test_subclasses_and_batch_mixing_layers_are_refused(net, match):
+    """A subclass may add a forward or parameters that the batched form would drop."""
+    assert any(match in p for p in unsupported(net))
+
+
+def test_the_runner_cache_keeps_no_model_alive_and_follows_replaced_layers():
+    import gc
+    import weakref
+
+    from fastmeta.inner_loop import batched_runner
+
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    layout = FlatLayout.of(net)
+    params = layout.flatten(net).expand(TASKS, -1).clone()
+    x = torch.randn(TASKS, 4, 2, dtype=torch.float64)
+    batched_runner(net, layout)(params, x)
+    net[2] = nn.Linear(3, 1).double()  # same shapes: the layout still fits
+    out = batched_runner(net, layout)(params, x)
+    ref = torch.stack([layout.call_unchecked(net, params[t], (x[t],)) for t in range(TASKS)])
+    assert_close(out, ref)
+    alive = weakref.ref(net)
+    del net, out, ref
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_forward_already_set_on_an_instance_is_put_back():
+    net, layout, params, x = _setup("mlp")
+    first = net.layers[0]
+    own = first.forward  # a bound method stored on the instance, as hook libraries do
+    first.forward = own
+    BatchedModule(net, layout)(params, x)
+    assert first.__dict__["forward"] is own
+
+
+def test_cross_entropy_with_ignored_targets_equals_one_call_per_task():
+    outputs = torch.randn(TASKS, 4, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (TASKS, 4))
+    y[0, 1] = -100
+    expected = torch.stack([F.cross_entropy(outputs[t], y[t]) for t in range(TASKS)])
+    assert_close(task_losses(F.cross_entropy, outputs, y), expected)
