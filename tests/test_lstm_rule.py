@@ -252,10 +252,10 @@ def test_unroll_meta_gradient_matches_finite_differences(second_order):
             return unroll(rule, problems.loss, problems.theta0, None, 3,
                           second_order=True).meta_loss
         theta, state, total = problems.theta0, None, 0.0
-        for g in frozen:
-            total = total + problems.loss(theta).mean()
+        for g in frozen[:3]:  # the unroll also evaluates f(θ_3), whose gradient is unused
             update, state = rule(g.reshape(-1), state)
             theta = theta + update.view_as(theta)
+            total = total + problems.loss(theta).mean()  # the loss after each update
         return total
 
     eps, numeric = 1e-6, torch.zeros_like(weight)
@@ -287,3 +287,32 @@ def test_meta_training_reduces_the_held_out_loss():
                          horizon=20, unroll_steps=10, lr=3e-3)
     assert len(history) == 15 and history[-1] < history[0]
     assert final_loss() < 0.5 * before
+
+
+def test_every_update_of_a_truncation_gets_a_training_signal():
+    """With one-step truncations the meta-loss is f(θ_1): the rule must still learn."""
+    from fastmeta.meta.lstm_training import QuadraticProblems, meta_train
+
+    rule = LSTMOptimizer(hidden_size=3)
+    before = [w.detach().clone() for w in rule.parameters()]
+    meta_train(rule, lambda g: QuadraticProblems(4, generator=g), epochs=1, horizon=2,
+               unroll_steps=1)
+    assert all(not torch.equal(a, b) for a, b in zip(before, rule.parameters()))
+    with pytest.raises(ValueError, match="unroll_steps"):
+        meta_train(rule, lambda g: QuadraticProblems(4, generator=g), epochs=1, unroll_steps=0)
+
+
+def test_rule_files_keep_their_dtype_and_learned_resumes_across_dtypes(tmp_path):
+    rule = LSTMOptimizer().double()
+    rule.save(tmp_path / "rule64.pt")
+    assert LSTMOptimizer.load(tmp_path / "rule64.pt").head.weight.dtype == torch.float64
+    # float64 params with a float32 rule: the loaded state (cast to the params' dtype by
+    # torch.optim) still runs
+    model = _model().double()
+    opt = Learned(model.parameters(), rule=LSTMOptimizer())
+    model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    opt.step()
+    again = Learned(model.parameters(), rule=opt.rule)
+    again.load_state_dict(opt.state_dict())
+    again.step()
+    assert all(again.state[p]["step"] == 2 for p in model.parameters())

@@ -106,6 +106,7 @@ class LSTMOptimizer(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         """Writes the rule (architecture and weights) to ``path``."""
         payload = {"format": RULE_FORMAT, "config": self.config(),
+                   "dtype": str(self.head.weight.dtype).removeprefix("torch."),
                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
         torch.save(payload, Path(path))
 
@@ -121,14 +122,24 @@ class LSTMOptimizer(nn.Module):
         if not isinstance(payload, dict) or payload.get("format") != RULE_FORMAT:
             raise ValueError(f"{path} is not a fastmeta LSTMOptimizer rule file (expected "
                              f"format {RULE_FORMAT!r})")
-        rule = cls(**payload["config"])
+        config, weights = payload.get("config"), payload.get("state_dict")
+        known = set(cls(HIDDEN).config())
+        if not isinstance(config, dict) or set(config) != known or not isinstance(weights, dict):
+            raise ValueError(f"{path}: a rule file needs a config with the keys {sorted(known)} "
+                             "and a state_dict")
+        rule = cls(**config)
         expected = {k: tuple(v.shape) for k, v in rule.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in payload["state_dict"].items()}
+        got = {k: tuple(v.shape) for k, v in weights.items()}
         if expected != got:
             wrong = sorted(set(expected.items()) ^ set(got.items()))
-            raise ValueError(f"{path}: the weights do not fit the architecture {payload['config']}"
+            raise ValueError(f"{path}: the weights do not fit the architecture {config}"
                              f" (mismatched entries: {wrong[:4]})")
-        rule.load_state_dict(payload["state_dict"])
+        dtype = getattr(torch, str(payload.get("dtype", "float32")), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"{path}: unknown dtype {payload.get('dtype')!r}")
+        device = next(iter(weights.values())).device
+        rule = rule.to(dtype=dtype, device=device)  # as saved, on map_location's device
+        rule.load_state_dict(weights)
         return rule
 
     def extra_repr(self) -> str:

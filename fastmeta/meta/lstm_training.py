@@ -3,8 +3,9 @@
 An optimizee family gives a batch of B problems with parameters ``θ [B, n]`` and per-problem
 losses ``f_b(θ_b)``. The rule (:class:`~fastmeta.meta.LSTMOptimizer`) optimizes all of them at
 once, every coordinate of every problem being one row of the rule's batch. The meta-loss of an
-unroll is the sum of the optimizee losses along the trajectory (Andrychowicz et al. 2016,
-eq. 3, with all weights w_t = 1):
+unroll of T steps from θ_0 is the sum of the optimizee losses after each update (Andrychowicz
+et al. 2016, eq. 3, with all weights w_t = 1), so every update, the last one included, gets a
+training signal:
 
 .. math::
     \\mathcal{L}(\\phi) = \\sum_{t=1}^{T} \\frac{1}{B} \\sum_b f_b(\\theta_{b,t}), \\qquad
@@ -64,7 +65,8 @@ class QuadraticProblems:
 class UnrollResult(NamedTuple):
     """What :func:`unroll` returns."""
 
-    #: () the summed mean loss along the unroll (differentiable w.r.t. the rule).
+    #: () Σ_{t=1..T} mean_b f_b(θ_t), the losses after each update (differentiable w.r.t.
+    #: the rule).
     meta_loss: torch.Tensor
     #: [B, n] the parameters after the unroll.
     theta: torch.Tensor
@@ -110,8 +112,10 @@ def unroll(rule: LSTMOptimizer, loss_fn: Callable[[torch.Tensor], torch.Tensor],
                 grad = grad.detach()
             update, state = rule(grad.reshape(-1), state)
             theta = theta + update.view_as(theta)
-            meta_loss = meta_loss + loss.mean()
+            if losses:  # f(θ_0) does not depend on this unroll's updates
+                meta_loss = meta_loss + loss.mean()
             losses.append(loss.detach())
+        meta_loss = meta_loss + loss_fn(theta).mean()  # f(θ_T): the last update's signal
     return UnrollResult(meta_loss, theta, state, torch.stack(losses))
 
 
@@ -125,6 +129,9 @@ def meta_train(rule: LSTMOptimizer, make_problems: Callable[[torch.Generator], Q
     ``horizon`` steps in truncations of ``unroll_steps``, and after each truncation takes one
     Adam step (at ``lr``) on the rule's weights.
     """
+    for name, value in (("epochs", epochs), ("horizon", horizon), ("unroll_steps", unroll_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if horizon % unroll_steps:
         raise ValueError(f"horizon ({horizon}) must be a multiple of unroll_steps "
                          f"({unroll_steps})")

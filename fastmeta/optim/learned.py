@@ -83,7 +83,9 @@ class Learned(torch.optim.Optimizer):
                     state["step"] = 0
                     state["nonfinite"] = 0
             grads = torch.cat([p.grad.reshape(-1).to(rule_dtype) for p in params])
-            hidden = LSTMState(*(torch.cat([self.state[p][name] for p in params])
+            # .to(): load_state_dict casts state to each param's dtype; the rule computes in
+            # its own.
+            hidden = LSTMState(*(torch.cat([self.state[p][name].to(rule_dtype) for p in params])
                                  for name in LSTMState._fields))
             update, new_hidden, skipped = self.rule.step(grads, hidden)
             offset = 0
