@@ -43,7 +43,7 @@ def baseline_curve(name: str, lr: float, problems: QuadraticProblems, steps: int
     curve = []
     for _ in range(steps):
         loss = problems.loss(theta)
-        curve.append(float(loss.mean()))
+        curve.append(float(loss.detach().mean()))
         opt.zero_grad()
         loss.sum().backward()
         opt.step()
