@@ -54,3 +54,15 @@ def test_maml_sinusoid_meta_step(benchmark, implementation):
         step = maker(model, F.mse_loss, 1, torch.optim.Adam(model.parameters()))
     benchmark.group = "MAML sinusoid meta-step T=25 K=10"
     benchmark(lambda: step(episode))
+
+
+@pytest.mark.parametrize("implementation", ["fastmeta", "torch.func vmap", "batched eager"])
+def test_cavia_sinusoid_meta_step(benchmark, implementation):
+    """Forward + meta-gradient (second order, no outer step) of CAVIA on the sinusoid."""
+    episode = SinusoidTasks(seed=0).sample(25, shots=10)
+    torch.manual_seed(0)
+    maker = {"fastmeta": maml._cavia_fastmeta_step, "torch.func vmap": maml._cavia_vmap_step,
+             "batched eager": maml._cavia_batched_eager_step}[implementation]
+    step = maker(MLP(in_features=1 + maml.CAVIA_CONTEXT), episode, 1)
+    benchmark.group = "CAVIA sinusoid meta-step T=25 K=10 d=5"
+    benchmark(step)
