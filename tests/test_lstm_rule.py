@@ -316,3 +316,22 @@ def test_rule_files_keep_their_dtype_and_learned_resumes_across_dtypes(tmp_path)
     again.load_state_dict(opt.state_dict())
     again.step()
     assert all(again.state[p]["step"] == 2 for p in model.parameters())
+
+
+def test_digits_mlp_problems_are_batched_mlps():
+    pytest.importorskip("sklearn", reason="the digits need scikit-learn")
+    from fastmeta.meta.lstm_training import DigitsMLPProblems
+
+    problems = DigitsMLPProblems(3, generator=torch.Generator().manual_seed(0))
+    theta = problems.theta0 + 0.1 * torch.randn_like(problems.theta0)
+    state = problems.generator.get_state()
+    losses = problems.loss(theta)
+    problems.generator.set_state(state)  # the same minibatches again, for the reference
+    index = torch.randint(len(problems.images), (3, 128), generator=problems.generator)
+    for b in range(3):
+        net = nn.Sequential(nn.Linear(64, 20), nn.Sigmoid(), nn.Linear(20, 10))
+        nn.utils.vector_to_parameters(theta[b], net.parameters())
+        expected = nn.functional.cross_entropy(net(problems.images[index[b]]),
+                                               problems.labels[index[b]])
+        assert_close(losses[b], expected)
+    assert problems.theta0.shape == (3, 64 * 20 + 20 + 20 * 10 + 10)

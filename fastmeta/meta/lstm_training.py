@@ -28,10 +28,13 @@ import torch
 from fastmeta.meta.lstm_optimizer import LSTMOptimizer
 from fastmeta.ops.lstm_rule import LSTMState
 
-__all__ = ["QuadraticProblems", "UnrollResult", "meta_train", "unroll"]
+__all__ = ["DigitsMLPProblems", "QuadraticProblems", "UnrollResult", "meta_train", "unroll"]
 
 # Andrychowicz et al. 2016, section 3.1: 10-dimensional quadratics.
 QUADRATIC_DIM = 10
+# Section 3.2 (MNIST): one hidden layer of 20 sigmoid units, minibatches of 128.
+MLP_HIDDEN = 20
+MLP_BATCH = 128
 
 
 class QuadraticProblems:
@@ -60,6 +63,60 @@ class QuadraticProblems:
         """``[B]``: f_b(θ_b) for θ ``[B, n]``."""
         residual = torch.bmm(self.W, theta.unsqueeze(-1)).squeeze(-1) - self.y
         return residual.square().sum(-1)
+
+
+class DigitsMLPProblems:
+    """A batch of B small MLPs (64 → 20 sigmoid → 10) classifying scikit-learn's 8x8 digits
+    with cross-entropy; each :meth:`loss` call draws a fresh minibatch of 128 images per MLP
+    (the paper's MNIST optimizee, on data that ships with scikit-learn).
+
+    θ_b is the MLP's parameters flattened as ``[W1 (20x64), b1, W2 (10x20), b2]`` (n = 1,510),
+    initialised as ``nn.Linear`` does (uniform in ±1/√fan_in). All B MLPs run in one batched
+    forward (``baddbmm``).
+
+    Args:
+        batch: B, the number of MLPs.
+        generator: the source of the initialisations and of every minibatch.
+        images, labels: the data (default: all 1,797 digits, pixels in [0, 1]).
+    """
+
+    def __init__(self, batch: int, *, generator: torch.Generator | None = None,
+                 images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                 minibatch: int = MLP_BATCH) -> None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        if images is None or labels is None:
+            from fastmeta.tasks.digits import load_digit_images
+
+            by_digit = load_digit_images()
+            images = torch.cat([by_digit[d].reshape(-1, 64) for d in sorted(by_digit)])
+            labels = torch.cat([torch.full((len(by_digit[d]),), d) for d in sorted(by_digit)])
+        self.images, self.labels = images.reshape(len(images), -1), labels
+        self.generator = generator if generator is not None else torch.Generator()
+        self.minibatch = minibatch
+        features = self.images.shape[1]
+        self.sizes = [(MLP_HIDDEN, features), (MLP_HIDDEN,), (10, MLP_HIDDEN), (10,)]
+        fan_ins = [features, features, MLP_HIDDEN, MLP_HIDDEN]  # of the layer each piece is in
+        pieces = []
+        for shape, fan_in in zip(self.sizes, fan_ins):
+            numel = shape[0] * (shape[1] if len(shape) == 2 else 1)
+            uniform = torch.rand(batch, numel, generator=self.generator) * 2 - 1
+            pieces.append(uniform / fan_in ** 0.5)
+        self.theta0 = torch.cat(pieces, dim=1)
+
+    def loss(self, theta: torch.Tensor) -> torch.Tensor:
+        """``[B]``: each MLP's cross-entropy on its own fresh minibatch."""
+        batch = theta.shape[0]
+        index = torch.randint(len(self.images), (batch, self.minibatch), generator=self.generator)
+        x, y = self.images[index], self.labels[index]  # [B, m, 64], [B, m]
+        w1, b1, w2, b2 = torch.split(theta, [s[0] * (s[1] if len(s) == 2 else 1)
+                                             for s in self.sizes], dim=1)
+        h = torch.sigmoid(torch.baddbmm(b1.unsqueeze(1), x,
+                                        w1.view(batch, *self.sizes[0]).transpose(1, 2)))
+        logits = torch.baddbmm(b2.unsqueeze(1), h, w2.view(batch, *self.sizes[2]).transpose(1, 2))
+        per_example = torch.nn.functional.cross_entropy(logits.reshape(-1, 10), y.reshape(-1),
+                                                        reduction="none")
+        return per_example.view(batch, -1).mean(1)
 
 
 class UnrollResult(NamedTuple):
@@ -119,7 +176,8 @@ def unroll(rule: LSTMOptimizer, loss_fn: Callable[[torch.Tensor], torch.Tensor],
     return UnrollResult(meta_loss, theta, state, torch.stack(losses))
 
 
-def meta_train(rule: LSTMOptimizer, make_problems: Callable[[torch.Generator], QuadraticProblems],
+def meta_train(rule: LSTMOptimizer,
+               make_problems: Callable[[torch.Generator], QuadraticProblems | DigitsMLPProblems],
                *, epochs: int, horizon: int = 100, unroll_steps: int = 20, lr: float = 1e-3,
                second_order: bool = False, seed: int = 0,
                on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
