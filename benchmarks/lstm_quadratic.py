@@ -1,13 +1,15 @@
-"""``python -m benchmarks.lstm_quadratic``: the LSTM learned optimizer against tuned baselines on
-10-dimensional random quadratics (Andrychowicz et al. 2016, section 3.1).
+"""``python -m benchmarks.lstm_quadratic [--problem quadratic|digits]``: the LSTM learned
+optimizer against tuned baselines (Andrychowicz et al. 2016, sections 3.1 and 3.2).
 
 1. Meta-train an :class:`~fastmeta.meta.LSTMOptimizer` by truncated BPTT (100 optimizee steps,
-   unrolled 20 at a time, Adam at 1e-3 on the rule, first order as in the paper), a fresh batch
-   of 128 quadratics per meta-epoch.
+   unrolled 20 at a time, Adam at 1e-3 on the rule, first order as in the paper), fresh problems
+   every meta-epoch: 128 random 10-dimensional quadratics, or 4 digits MLPs (64-20-10 sigmoid,
+   minibatches of 128) with new initialisations.
 2. Tune SGD, momentum (0.9), RMSprop and Adam: each learning rate of :data:`LR_GRID` runs 100
-   steps on 100 *tuning* quadratics; the lr with the lowest mean final loss wins.
-3. Evaluate everything on 100 *held-out* quadratics (another seed): mean loss after 100 and after
-   200 steps (the rule was trained for 100).
+   steps on a *tuning* set of problems; the lr with the lowest mean final loss wins.
+3. Evaluate everything on a *held-out* set (another seed): mean loss after 100 and after 200
+   steps (the rule was trained for 100). For the digits the loss at a step is that step's
+   minibatch loss, and every method sees the same minibatch sequence.
 
 The tuning and held-out sets are disjoint, so the baselines are not tuned on the test set.
 """
@@ -22,7 +24,12 @@ from pathlib import Path
 import torch
 
 from fastmeta.meta import LSTMOptimizer
-from fastmeta.meta.lstm_training import QuadraticProblems, meta_train, unroll
+from fastmeta.meta.lstm_training import (
+    DigitsMLPProblems,
+    QuadraticProblems,
+    meta_train,
+    unroll,
+)
 
 #: Learning rates tried for each baseline (log-spaced, 1e-4 .. 3).
 LR_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0]
@@ -33,10 +40,20 @@ BASELINES = {
     "Adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
 }
 TUNING_SEED, HELD_OUT_SEED = 1001, 2002
-EVAL_PROBLEMS = 100
+# Per problem family: problems per meta-epoch, problems in the tuning and held-out sets.
+FAMILIES = {
+    "quadratic": {"make": lambda n, g: QuadraticProblems(n, generator=g), "train": 128,
+                  "eval": 100, "epochs": 1000},
+    "digits": {"make": lambda n, g: DigitsMLPProblems(n, generator=g), "train": 4, "eval": 20,
+               "epochs": 150},
+}
 
 
-def baseline_curve(name: str, lr: float, problems: QuadraticProblems, steps: int) -> torch.Tensor:
+def _problems(family: str, n: int, seed: int):
+    return FAMILIES[family]["make"](n, torch.Generator().manual_seed(seed))
+
+
+def baseline_curve(name: str, lr: float, problems, steps: int) -> torch.Tensor:
     """``[steps + 1]`` mean loss before each step and after the last."""
     theta = problems.theta0.clone().requires_grad_()
     opt = BASELINES[name]([theta], lr)
@@ -51,7 +68,7 @@ def baseline_curve(name: str, lr: float, problems: QuadraticProblems, steps: int
     return torch.tensor(curve)
 
 
-def learned_curve(rule: LSTMOptimizer, problems: QuadraticProblems, steps: int) -> torch.Tensor:
+def learned_curve(rule: LSTMOptimizer, problems, steps: int) -> torch.Tensor:
     theta, state, curve = problems.theta0, None, []
     for _ in range(steps // 20):  # unrolled in pieces, no graph kept between them
         result = unroll(rule, problems.loss, theta, state, 20)
@@ -64,12 +81,16 @@ def learned_curve(rule: LSTMOptimizer, problems: QuadraticProblems, steps: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=1000, help="meta-training epochs")
+    parser.add_argument("--problem", choices=sorted(FAMILIES), default="quadratic")
+    parser.add_argument("--epochs", type=int, help="meta-training epochs (default: per family)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the results")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    family = FAMILIES[args.problem]
+    epochs = args.epochs or family["epochs"]
+    stem = f"lstm-{args.problem}"
 
     torch.manual_seed(args.seed)
     rule = LSTMOptimizer()
@@ -78,27 +99,28 @@ def main() -> None:
 
     def progress(epoch: int, loss: float) -> None:
         now = time.perf_counter()
-        if now - last[0] > 10 or epoch + 1 == args.epochs:
-            print(f"meta-epoch {epoch + 1}/{args.epochs}: mean optimizee loss {loss:.4f} "
+        if now - last[0] > 10 or epoch + 1 == epochs:
+            print(f"meta-epoch {epoch + 1}/{epochs}: mean optimizee loss {loss:.4f} "
                   f"({now - start:.0f} s)", flush=True)
             last[0] = now
 
-    history = meta_train(rule, lambda g: QuadraticProblems(128, generator=g),
-                         epochs=args.epochs, seed=args.seed, on_epoch=progress)
+    history = meta_train(rule, lambda g: family["make"](family["train"], g),
+                         epochs=epochs, seed=args.seed, on_epoch=progress)
     train_seconds = time.perf_counter() - start
-    rule.save(out / "lstm-quadratic-rule.pt")
+    rule.save(out / f"{stem}-rule.pt")
 
-    tuning = QuadraticProblems(EVAL_PROBLEMS, generator=torch.Generator().manual_seed(TUNING_SEED))
-    held_out = QuadraticProblems(EVAL_PROBLEMS,
-                                 generator=torch.Generator().manual_seed(HELD_OUT_SEED))
+    # Each method gets freshly built sets: the same initialisations and minibatch sequence.
     results = {}
     for name in BASELINES:
-        finals = {lr: float(baseline_curve(name, lr, tuning, 100)[-1]) for lr in LR_GRID}
+        finals = {lr: float(baseline_curve(name, lr, _problems(args.problem, family["eval"],
+                                                               TUNING_SEED), 100)[-1])
+                  for lr in LR_GRID}
         finite = {lr: v for lr, v in finals.items() if v == v and v != float("inf")}
         best = min(finite, key=finite.get)
-        curve = baseline_curve(name, best, held_out, 200)
+        curve = baseline_curve(name, best, _problems(args.problem, family["eval"],
+                                                     HELD_OUT_SEED), 200)
         results[name] = {"lr": best, "tuning_final": finals, "curve": curve.tolist()}
-    curve = learned_curve(rule, held_out, 200)
+    curve = learned_curve(rule, _problems(args.problem, family["eval"], HELD_OUT_SEED), 200)
     results["LSTM (learned)"] = {"lr": None, "curve": curve.tolist()}
 
     lines = ["optimizer        tuned lr   loss @100   loss @200",
@@ -108,11 +130,11 @@ def main() -> None:
         lines.append(f"{name:<15}  {lr:<9}  {r['curve'][100]:10.4f}  {r['curve'][200]:10.4f}")
     table = "\n".join(lines)
     print(table)
-    print(f"meta-training: {args.epochs} epochs in {train_seconds:.0f} s")
-    (out / "lstm-quadratic.json").write_text(json.dumps(
-        {"epochs": args.epochs, "train_seconds": train_seconds, "lr_grid": LR_GRID,
-         "meta_history": history, "results": results}, indent=1))
-    (out / "lstm-quadratic.txt").write_text(table + "\n")
+    print(f"meta-training: {epochs} epochs in {train_seconds:.0f} s")
+    (out / f"{stem}.json").write_text(json.dumps(
+        {"problem": args.problem, "epochs": epochs, "train_seconds": train_seconds,
+         "lr_grid": LR_GRID, "meta_history": history, "results": results}, indent=1))
+    (out / f"{stem}.txt").write_text(table + "\n")
     try:
         import matplotlib
 
@@ -127,10 +149,10 @@ def main() -> None:
     ax.axvline(100, color="gray", lw=0.5, ls="--")
     ax.set_yscale("log")
     ax.set_xlabel("optimizee step")
-    ax.set_ylabel(f"mean loss, {EVAL_PROBLEMS} held-out quadratics")
+    ax.set_ylabel(f"mean loss, {family['eval']} held-out {args.problem} problems")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "lstm-quadratic.png", dpi=120)
+    fig.savefig(out / f"{stem}.png", dpi=120)
 
 
 if __name__ == "__main__":
