@@ -64,7 +64,7 @@ def baseline_curve(name: str, lr: float, problems, steps: int) -> torch.Tensor:
         opt.zero_grad()
         loss.sum().backward()
         opt.step()
-    curve.append(float(problems.loss(theta).mean()))
+    curve.append(float(problems.loss(theta).detach().mean()))
     return torch.tensor(curve)
 
 
@@ -75,7 +75,7 @@ def learned_curve(rule: LSTMOptimizer, problems, steps: int) -> torch.Tensor:
         curve += result.losses.mean(1).tolist()
         theta, state = result.theta.detach(), type(result.state)(*(s.detach()
                                                                     for s in result.state))
-    curve.append(float(problems.loss(theta).mean()))
+    curve.append(float(problems.loss(theta).detach().mean()))
     return torch.tensor(curve)
 
 
