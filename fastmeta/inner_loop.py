@@ -38,7 +38,7 @@ from fastmeta.batched import BatchedModule, unsupported
 from fastmeta.flat import FlatLayout, buffer_mutating_modules
 
 __all__ = ["STRATEGIES", "InnerLoopResult", "as_step", "batched_runner", "check_steps",
-           "inner_loop", "resolve_strategy", "task_losses"]
+           "inner_loop", "resolve_strategy", "task_accuracy", "task_losses"]
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, Any, int], "tuple[torch.Tensor, Any]"]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -273,23 +273,38 @@ def task_losses(loss_fn: LossFn, outputs: Any, targets: torch.Tensor) -> torch.T
     return losses
 
 
+def task_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """``[T]``: each task's accuracy for class logits ``outputs [T, n, C]`` and integer labels
+    ``targets [T, n]``; None for anything else (regression)."""
+    if targets.is_floating_point() or outputs.dim() != 3:
+        return None
+    return (outputs.argmax(-1) == targets).float().mean(-1)
+
+
+def _summed_task_grads(
+    params: torch.Tensor,
+    create_graph: bool,
+    losses_of: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grads [T, N], losses [T])`` from ``losses_of(p) -> [T]`` task losses: one
+    ``autograd.grad`` of their sum. Tasks are independent, so row t of that gradient is task
+    t's own. First order differentiates a detached copy: no graph back to ``params``."""
+    p = params if create_graph and params.requires_grad else params.detach().requires_grad_()
+    losses = losses_of(p)
+    (grads,) = torch.autograd.grad(losses.sum(), p, create_graph=create_graph)
+    return grads, (losses if create_graph else losses.detach())
+
+
 def _batched_grads(
-    module: nn.Module,
-    layout: FlatLayout,
+    run: BatchedModule,
     params: torch.Tensor,
     inputs: tuple[torch.Tensor, ...],
     targets: torch.Tensor,
     loss_fn: LossFn,
     create_graph: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if create_graph and params.requires_grad:
-        p = params
-    else:
-        p = params.detach().requires_grad_()
-    losses = task_losses(loss_fn, batched_runner(module, layout)(p, inputs), targets)
-    # Tasks are independent: row t of the gradient of the sum is task t's gradient.
-    (grads,) = torch.autograd.grad(losses.sum(), p, create_graph=create_graph)
-    return grads, (losses if create_graph else losses.detach())
+    return _summed_task_grads(params, create_graph,
+                              lambda p: task_losses(loss_fn, run(p, inputs), targets))
 
 
 def _vmap_grads(
@@ -320,23 +335,14 @@ def _loop_grads(
     loss_fn: LossFn,
     create_graph: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if create_graph and params.requires_grad:
-        p = params
-    else:
-        p = params.detach().requires_grad_()
-    rows = p.unbind(0)
-    losses = torch.stack(
-        [
-            _scalar(
-                loss_fn(
-                    layout.call_unchecked(module, rows[t], tuple(x[t] for x in inputs)), targets[t]
-                )
-            )
-            for t in range(len(rows))
-        ]
-    )
-    (grads,) = torch.autograd.grad(losses.sum(), p, create_graph=create_graph)
-    return grads, (losses if create_graph else losses.detach())
+    def losses_of(p: torch.Tensor) -> torch.Tensor:
+        return torch.stack([
+            _scalar(loss_fn(layout.call_unchecked(module, row, tuple(x[t] for x in inputs)),
+                            targets[t]))
+            for t, row in enumerate(p.unbind(0))
+        ])
+
+    return _summed_task_grads(params, create_graph, losses_of)
 
 
 def inner_loop(
@@ -413,6 +419,8 @@ def inner_loop(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     layout.check_buffers(module)
     chosen = resolve_strategy(strategy, module, create_graph=create_graph)
+    # Looked up once, not at every step (the lookup walks the module tree).
+    run = batched_runner(module, layout) if chosen == "batched" else None
 
     losses = []
     for k in range(steps):
@@ -437,9 +445,7 @@ def inner_loop(
                     stacklevel=2,
                 )
         elif chosen == "batched":
-            grads, loss = _batched_grads(
-                module, layout, params, xs, targets, loss_fn, create_graph
-            )
+            grads, loss = _batched_grads(run, params, xs, targets, loss_fn, create_graph)
         else:
             grads, loss = _loop_grads(module, layout, params, xs, targets, loss_fn, create_graph)
         losses.append(loss)

@@ -50,30 +50,32 @@ def test_table_json_and_chart(tmp_path, monkeypatch, capsys):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _bench_with(tmp_path, monkeypatch, capsys, fake_suites):
+    """Runs ``fastmeta bench`` over ``fake_suites``: ``(exit code, stdout, JSON payload)``."""
+    monkeypatch.setattr(suites, "select", lambda only: fake_suites)
+    out_json = tmp_path / "b.json"
+    rc = main(["bench", "--json", str(out_json), "--plot", str(tmp_path / "b.png")])
+    return rc, capsys.readouterr().out, json.loads(out_json.read_text())
+
+
 def test_ctrl_c_reports_the_rows_finished_so_far(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(suites, "select", lambda only: [
+    rc, out, payload = _bench_with(tmp_path, monkeypatch, capsys, [
         _fake_suite("a", [_row("done")], fail_after=KeyboardInterrupt()),
         _fake_suite("b", [_row("never")]),
     ])
-    out_json = tmp_path / "b.json"
-    rc = main(["bench", "--json", str(out_json), "--plot", str(tmp_path / "b.png")])
     assert rc == 130
-    assert "interrupted: reporting the 1 row(s)" in capsys.readouterr().out
-    payload = json.loads(out_json.read_text())
+    assert "interrupted: reporting the 1 row(s)" in out
     assert payload["interrupted"] is True
     assert [r["name"] for r in payload["rows"]] == ["done"]
 
 
 def test_a_failing_suite_keeps_the_other_rows(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(suites, "select", lambda only: [
+    rc, out, payload = _bench_with(tmp_path, monkeypatch, capsys, [
         _fake_suite("a", [_row("kept")], fail_after=TypeError("no fused here")),
         _fake_suite("b", [_row("also kept")]),
     ])
-    out_json = tmp_path / "b.json"
-    rc = main(["bench", "--json", str(out_json), "--plot", str(tmp_path / "b.png")])
     assert rc == 1
-    assert "a: FAILED (TypeError: no fused here)" in capsys.readouterr().out
-    payload = json.loads(out_json.read_text())
+    assert "a: FAILED (TypeError: no fused here)" in out
     assert [r["name"] for r in payload["rows"]] == ["kept", "also kept"]
     assert payload["failures"] == {"a": "TypeError: no fused here"}
 

@@ -17,6 +17,7 @@ from fastmeta.meta import CAVIA, MLP, Conv4, FiLMConv4, runs
 from fastmeta.meta.training import load_checkpoint, read_metrics
 from fastmeta.optim import Adam
 from fastmeta.tasks import Episode, FewShotTasks, SinusoidTasks, TensorClass
+from tests.conftest import meta_train_sinusoid
 from tests.test_tasks import omniglot_root  # noqa: F401 (a fixture)
 
 # "The meta-gradient equals a plain torch.func implementation to 1e-5 relative" (issue 6).
@@ -175,19 +176,9 @@ def test_sinusoid_training_reduces_the_loss():
     """300 meta-iterations in the paper's setting (5 context params, inner lr 1.0, one step,
     Adam at 1e-3, meta-gradient clamped to [-10, 10]) take the held-out MSE from 4.35 to 2.0."""
     torch.manual_seed(0)
-    tasks = SinusoidTasks(seed=0)
     cavia = CAVIA(MLP(in_features=1 + 5), loss_fn=F.mse_loss, num_context_params=5)
-    outer = Adam(cavia.parameters(), lr=1e-3)
-    held_out = tasks.sample(200, shots=10, grid_query=True,
-                            generator=torch.Generator().manual_seed(1))
-    before = cavia.evaluate(held_out).loss
-    for _ in range(300):
-        outer.zero_grad()
-        cavia(tasks.sample(25, shots=10)).loss.backward()
-        for p in cavia.parameters():
-            p.grad.clamp_(-10, 10)
-        outer.step()
-    after = cavia.evaluate(held_out).loss
+    before, after = meta_train_sinusoid(cavia, Adam(cavia.parameters(), lr=1e-3), 300,
+                                        held_out_tasks=200, clamp=10.0)
     assert after < 0.6 * before, (before, after)
 
 

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from fastmeta.meta import MAML, MLP, Conv4
 from fastmeta.optim import Adam
 from fastmeta.tasks import Episode, FewShotTasks, SinusoidTasks, TensorClass
+from tests.conftest import meta_train_sinusoid
 
 INNER_LR = 0.01
 BETAS = (0.9, 0.999)
@@ -195,17 +196,10 @@ def test_evaluate_adapts_without_graph_and_reports_accuracy():
 
 def test_sinusoid_training_reduces_the_meta_loss():
     torch.manual_seed(0)
-    tasks = SinusoidTasks(seed=0)
     maml = MAML(MLP(), loss_fn=F.mse_loss, inner_lr=INNER_LR)
-    outer = Adam(maml.parameters(), lr=1e-2)
-    held_out = tasks.sample(100, shots=10, grid_query=True,
-                            generator=torch.Generator().manual_seed(1))
-    before = maml.evaluate(held_out).loss
-    for _ in range(60):
-        outer.zero_grad()
-        maml(tasks.sample(25, shots=10)).loss.backward()
-        outer.step()
-    assert maml.evaluate(held_out).loss < 0.8 * before
+    before, after = meta_train_sinusoid(maml, Adam(maml.parameters(), lr=1e-2), 60,
+                                        held_out_tasks=100)
+    assert after < 0.8 * before
 
 
 def test_custom_rule_and_dtype_move():

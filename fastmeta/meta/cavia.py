@@ -45,8 +45,8 @@ from torch import nn
 
 from fastmeta import functional
 from fastmeta.backends import Impl
-from fastmeta.inner_loop import check_steps, task_losses
-from fastmeta.tasks.episodes import Episode, check_episode
+from fastmeta.inner_loop import check_steps, task_accuracy, task_losses
+from fastmeta.tasks.episodes import Episode, check_episode, check_task_batch
 
 __all__ = ["CAVIA", "CONTEXT_MODES", "CAVIAOutput"]
 
@@ -186,8 +186,7 @@ class CAVIA(nn.Module):
     def predict(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The model's output for each task's inputs ``x [T, n, ...]`` with that task's
         context ``context [T, d]``: ``[T, n, ...]``, all tasks in one forward."""
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            raise ValueError("x must be a tensor [T, n, ...] with a leading task dimension")
+        check_task_batch(x, "x")
         tasks, d = x.shape[0], self.num_context_params
         if not isinstance(context, torch.Tensor) or tuple(context.shape) != (tasks, d):
             got = list(context.shape) if isinstance(context, torch.Tensor) else type(context)
@@ -236,9 +235,7 @@ class CAVIA(nn.Module):
         steps = self.inner_steps if steps is None else check_steps(steps, "steps")
         if create_graph is None:
             create_graph = not self.first_order
-        if not isinstance(support_x, torch.Tensor) or support_x.dim() < 2:
-            raise ValueError("support_x must be a tensor [T, S, ...] with a leading task "
-                             "dimension")
+        check_task_batch(support_x, "support_x")
         tasks = support_x.shape[0]
         p = next(self.model.parameters())
         context = torch.zeros(tasks, self.num_context_params, dtype=p.dtype, device=p.device,
@@ -258,11 +255,8 @@ class CAVIA(nn.Module):
     def _query(self, context: torch.Tensor,
                episode: Episode) -> tuple[torch.Tensor, torch.Tensor | None]:
         outputs = self.predict(context, episode.query_x)
-        losses = self.task_losses(outputs, episode.query_y)
-        accuracy = None
-        if not episode.query_y.is_floating_point() and outputs.dim() == 3:
-            accuracy = (outputs.argmax(-1) == episode.query_y).float().mean(-1)
-        return losses, accuracy
+        return self.task_losses(outputs, episode.query_y), task_accuracy(outputs,
+                                                                         episode.query_y)
 
     def forward(self, episode: Episode, *, steps: int | None = None) -> CAVIAOutput:
         """The meta-loss of a meta-batch: adapt each task's context on its support set, then

@@ -41,9 +41,10 @@ from fastmeta.inner_loop import (
     check_steps,
     inner_loop,
     resolve_strategy,
+    task_accuracy,
     task_losses,
 )
-from fastmeta.tasks.episodes import Episode, check_episode
+from fastmeta.tasks.episodes import Episode, check_episode, check_task_batch
 
 __all__ = ["INNER_OPTIMIZERS", "MAML", "MetaOutput"]
 
@@ -226,9 +227,7 @@ class MAML(nn.Module):
     def _adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None,
                create_graph: bool, *, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
         steps = self.inner_steps if steps is None else check_steps(steps, "steps")
-        if not isinstance(support_x, torch.Tensor) or support_x.dim() < 2:
-            raise ValueError("support_x must be a tensor [T, S, ...] with a leading task "
-                             "dimension")
+        check_task_batch(support_x, "support_x")
         tasks = support_x.shape[0]
         if detach:  # evaluation: no graph back to the meta-parameters at all
             start = self.layout.expand(self.flat_params().detach(), tasks)
@@ -242,8 +241,7 @@ class MAML(nn.Module):
     def predict(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The model's output for each task's inputs ``x [T, n, ...]`` with that task's
         parameters ``params [T, N]``: ``[T, n, ...]``."""
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            raise ValueError("x must be a tensor [T, n, ...] with a leading task dimension")
+        check_task_batch(x, "x")
         self.layout.check(params, name="params", tasks=x.shape[0])
         return self._predict(params, x, self._query_strategy())
 
@@ -266,19 +264,9 @@ class MAML(nn.Module):
                             for t in range(x.shape[0])])
 
     def _query(self, params: torch.Tensor, episode: Episode) -> tuple[torch.Tensor, ...]:
-        chosen = self._query_strategy()
-        outputs = self._predict(params, episode.query_x, chosen)
-        if chosen == "loop":
-            losses = torch.stack([self.loss_fn(outputs[t], episode.query_y[t])
-                                  for t in range(outputs.shape[0])])
-        else:
-            losses = task_losses(self.loss_fn, outputs, episode.query_y)
-        if losses.shape != (outputs.shape[0],):
-            raise ValueError("loss_fn must return one scalar loss per task")
-        accuracy = None
-        if not episode.query_y.is_floating_point() and outputs.dim() == 3:
-            accuracy = (outputs.argmax(-1) == episode.query_y).float().mean(-1)
-        return losses, accuracy
+        outputs = self._predict(params, episode.query_x, self._query_strategy())
+        return (task_losses(self.loss_fn, outputs, episode.query_y),
+                task_accuracy(outputs, episode.query_y))
 
     def forward(self, episode: Episode, *, steps: int | None = None) -> MetaOutput:
         """The meta-loss of a meta-batch: adapt on each support set, then the mean query loss.

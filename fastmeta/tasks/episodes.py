@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 __all__ = ["Episode", "FewShotTasks", "ImageClass", "SeededSampler", "TensorClass",
-           "check_episode"]
+           "check_episode", "check_task_batch"]
 
 # Quarter turns a rotation may take, in degrees (Omniglot's extra classes, Santoro et al. 2016).
 ROTATIONS = (0, 90, 180, 270)
@@ -84,6 +84,13 @@ class Episode:
 
 
 _EPISODE_FIELDS = ("support_x", "support_y", "query_x", "query_y")
+
+
+def check_task_batch(x: Any, name: str) -> None:
+    """Raises ``ValueError`` unless ``x`` is a tensor ``[T, n, ...]`` (a leading task
+    dimension), naming it ``name``."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"{name} must be a tensor [T, n, ...] with a leading task dimension")
 
 
 def check_episode(episode: Any) -> None:
