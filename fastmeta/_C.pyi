@@ -76,6 +76,31 @@ def rmsprop_step(
     centered: bool,
     maximize: bool,
 ) -> None: ...
+class PreparedGroup:
+    """A param group prepared for the optimizers' per-step fast path: each method reads every
+    param's ``.grad`` and runs that optimizer's step, or returns False having done nothing when
+    the group is not as prepared (see csrc/bindings.cpp)."""
+
+    def __init__(
+        self,
+        params: list,
+        param_ptrs: list[int],
+        states: list[list[int]],
+        steps: list[int],
+        step_dtype: int,
+        numels: list[int],
+        dtypes: list[int],
+    ) -> None: ...
+    def sgd(self, params: list, lr: float, weight_decay: float, momentum: float,
+            dampening: float, nesterov: bool, maximize: bool) -> bool: ...
+    def adam(self, params: list, lr: float, beta1: float, beta2: float, eps: float,
+             weight_decay: float, amsgrad: bool, maximize: bool,
+             decoupled_weight_decay: bool) -> bool: ...
+    def adagrad(self, params: list, lr: float, lr_decay: float, weight_decay: float,
+                eps: float, maximize: bool) -> bool: ...
+    def rmsprop(self, params: list, lr: float, alpha: float, eps: float, weight_decay: float,
+                momentum: float, centered: bool, maximize: bool) -> bool: ...
+
 def stream(arrays: list[int], num_writes: int, n: int) -> None: ...
 
 # Out-of-place, task-batched, differentiable steps (fastmeta/ops/tensor_lists.py). Every tensor

@@ -343,6 +343,70 @@ def test_param_moved_by_data_assignment_is_followed(info):
 
 
 @pytest.mark.native
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_native_fast_path_runs_and_steps_aside_when_the_group_changes(info, monkeypatch):
+    """From the second step on, a group whose params all have dense contiguous grads is
+    stepped by one ``PreparedGroup`` call; anything else (a missing grad, a strided grad, a
+    param moved, a param swapped in the group's list) takes the general path, and every step
+    still matches torch."""
+    config = info.configs[1]
+    params = _params()
+    theirs_params = [p.detach().clone().requires_grad_() for p in params]
+    ours, theirs = info.ours(params, **config), info.theirs(theirs_params, **config)
+    grads = _grad_sequence(params, 12, skip=lambda k, i: k == 4 and i == 2)
+    # Step 6: a strided gradient (a transposed view) for the (3, 5) param.
+    grads[6][0] = torch.randn(5, 3).t()
+
+    def perturb(step, ps):
+        if step == 8:  # the param's storage replaced
+            ps[4].data = ps[4].data.clone() * 0.5
+        if step == 10:  # the group's list now holds a new tensor in the same slot
+            ps[5] = ps[5].detach().clone().requires_grad_()
+            return ps[5]
+        return None
+
+    from fastmeta.optim.optimizer import FusedOptimizer
+
+    general_path_steps = []  # every general-path step looks up the cached plans first
+    cached_plans = FusedOptimizer._cached_plans
+
+    def counting_cached_plans(self, *args):
+        general_path_steps.append(step)
+        return cached_plans(self, *args)
+
+    monkeypatch.setattr(FusedOptimizer, "_cached_plans", counting_cached_plans)
+    for step, step_grads in enumerate(grads):
+        for opt, ps in ((ours, params), (theirs, theirs_params)):
+            swapped = perturb(step, ps)
+            if swapped is not None:
+                opt.param_groups[0]["params"][5] = swapped
+            _run(opt, ps, [step_grads])
+        if step in (2, 3, 5, 7, 9, 11):
+            assert 0 in ours.__dict__.get("_fastmeta_fast", {}), f"no fast path at step {step}"
+        for p, q in zip(params, theirs_params):
+            assert_close(p.detach(), q.detach(), msg=f"step {step}")
+    # Steps 0-1 prepare (SGD's momentum buffers start on step 0), 4, 6, 8 and 10 are
+    # perturbed, 5 (and 11 for SGD, whose new param starts its buffer on step 10) prepare again.
+    assert not set(general_path_steps) & {2, 3, 7, 9}
+    assert {4, 6, 8, 10} <= set(general_path_steps)
+
+
+@pytest.mark.native
+def test_sgd_fast_path_follows_momentum_switched_on():
+    params = _params()
+    theirs_params = [p.detach().clone().requires_grad_() for p in params]
+    ours, theirs = fo.SGD(params, lr=0.05), torch.optim.SGD(theirs_params, lr=0.05)
+    for step, step_grads in enumerate(_grad_sequence(params, 8)):
+        if step == 4:
+            for opt in (ours, theirs):
+                opt.param_groups[0]["momentum"] = 0.9
+        _run(ours, params, [step_grads])
+        _run(theirs, theirs_params, [step_grads])
+        for p, q in zip(params, theirs_params):
+            assert_close(p.detach(), q.detach(), msg=f"step {step}")
+
+
+@pytest.mark.native
 def test_prepared_step_refuses_to_run_after_a_param_moved():
     from fastmeta.ops.prepared import PreparedStep
     from fastmeta.ops.sgd import sgd_step_

@@ -83,6 +83,18 @@ class PreparedStep:
                     self._watched += self.state_steps
             self._watched_pointers = tl.pointers(self._watched)
 
+    def native_group(self, params: list[torch.Tensor]):
+        """This plan as a ``fastmeta._C.PreparedGroup`` bound to ``params`` (the param group's
+        own tensors, the ones this plan was prepared for), for the optimizers' per-step fast
+        path; None when the plan does not run natively."""
+        if self._native is None:
+            return None
+        steps, step_dtype = self._step_args if self._step_args else ([], 0)
+        return backends.native().PreparedGroup(
+            list(params), self._param_pointers, self._state_pointers, steps, step_dtype,
+            self._numels, self._dtypes,
+        )
+
     def still_valid(self) -> bool:
         """False when a param or state tensor no longer lives where it was prepared."""
         if self._native is None:

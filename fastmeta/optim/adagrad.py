@@ -63,37 +63,44 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
                          maximize=maximize)
         self.impl = Impl(impl)
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Performs a single optimization step (one fused call per param group and device)."""
         loss = run_closure(closure)
         for index, group in enumerate(self.param_groups):
-            params, grads = params_with_grad("Adagrad", group)
-            if not params:
+            if self._fast_step(index, group, (), "adagrad", group["lr"], group["lr_decay"],
+                               group["weight_decay"], group["eps"], group["maximize"]):
                 continue
-
-            def prepare(indices, params=params):
-                sub = pick(params, indices)
-                states = []
-                for p in sub:
-                    state = self.state[p]
-                    if len(state) == 0:  # added by add_param_group: initialised as torch does
-                        init = self.defaults["initial_accumulator_value"]
-                        state["step"] = new_step_counter(p)
-                        state["sum"] = torch.full_like(
-                            p, complex(init, init) if p.is_complex() else init,
-                            memory_format=torch.preserve_format,
-                        )
-                    states.append(state)
-                return PreparedStep(
-                    "adagrad_step_", adagrad_step_, "adagrad_step", [as_real(p) for p in sub],
-                    [("state_sums", [as_real(s["sum"]) for s in states])],
-                    [s["step"] for s in states], impl=self.impl, watch_state=False,
-                )
-
-            plans = self._plans(index, params, (), prepare)
-            run_plans(
-                plans, real_grads(self, index, grads), lr=group["lr"], lr_decay=group["lr_decay"],
-                weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-            )
+            with torch.no_grad():
+                self._step_group(index, group)
         return loss
+
+    def _step_group(self, index: int, group: dict) -> None:
+        """The general path: any param subset, device mix, complex params or new state."""
+        params, grads = params_with_grad("Adagrad", group)
+        if not params:
+            return
+
+        def prepare(indices, params=params):
+            sub = pick(params, indices)
+            states = []
+            for p in sub:
+                state = self.state[p]
+                if len(state) == 0:  # added by add_param_group: initialised as torch does
+                    init = self.defaults["initial_accumulator_value"]
+                    state["step"] = new_step_counter(p)
+                    state["sum"] = torch.full_like(
+                        p, complex(init, init) if p.is_complex() else init,
+                        memory_format=torch.preserve_format,
+                    )
+                states.append(state)
+            return PreparedStep(
+                "adagrad_step_", adagrad_step_, "adagrad_step", [as_real(p) for p in sub],
+                [("state_sums", [as_real(s["sum"]) for s in states])],
+                [s["step"] for s in states], impl=self.impl, watch_state=False,
+            )
+
+        plans = self._plans(index, params, (), prepare)
+        run_plans(
+            plans, real_grads(self, index, grads), lr=group["lr"], lr_decay=group["lr_decay"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+        )

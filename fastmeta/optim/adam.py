@@ -24,45 +24,58 @@ from fastmeta.optim.optimizer import (
 
 def _adam_step(optimizer, closure, *, name: str, decoupled: bool):
     loss = run_closure(closure)
-    message = f"{name} does not support sparse gradients, please consider SparseAdam instead"
     for index, group in enumerate(optimizer.param_groups):
-        params, grads = params_with_grad(name, group, sparse_message=message)
-        if not params:
-            continue
-        amsgrad = group["amsgrad"]
-
-        def prepare(indices, params=params, amsgrad=amsgrad):
-            sub = pick(params, indices)
-            states = []
-            for p in sub:
-                state = optimizer.state[p]
-                if len(state) == 0:
-                    state["step"] = new_step_counter(p)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if amsgrad:
-                        state["max_exp_avg_sq"] = torch.zeros_like(
-                            p, memory_format=torch.preserve_format
-                        )
-                states.append(state)
-            return PreparedStep(
-                "adam_step_", adam_step_, "adam_step", [as_real(p) for p in sub],
-                [("exp_avgs", [as_real(s["exp_avg"]) for s in states]),
-                 ("exp_avg_sqs", [as_real(s["exp_avg_sq"]) for s in states]),
-                 ("max_exp_avg_sqs",
-                  [as_real(s["max_exp_avg_sq"]) for s in states] if amsgrad else None)],
-                [s["step"] for s in states], impl=optimizer.impl, watch_state=False,
-            )
-
-        plans = optimizer._plans(index, params, (amsgrad,), prepare)
         beta1, beta2 = group["betas"]
-        run_plans(
-            plans, real_grads(optimizer, index, grads), lr=group["lr"], beta1=beta1, beta2=beta2,
-            eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=amsgrad,
-            maximize=group["maximize"],
-            decoupled_weight_decay=group.get("decoupled_weight_decay", decoupled),
-        )
+        if optimizer._fast_step(
+            index, group, (group["amsgrad"],), "adam", group["lr"], beta1, beta2, group["eps"],
+            group["weight_decay"], group["amsgrad"], group["maximize"],
+            group.get("decoupled_weight_decay", decoupled),
+        ):
+            continue
+        with torch.no_grad():
+            _adam_step_group(optimizer, index, group, name=name, decoupled=decoupled)
     return loss
+
+
+def _adam_step_group(optimizer, index: int, group: dict, *, name: str, decoupled: bool) -> None:
+    """The general path: any param subset, device mix, complex params or new state."""
+    message = f"{name} does not support sparse gradients, please consider SparseAdam instead"
+    params, grads = params_with_grad(name, group, sparse_message=message)
+    if not params:
+        return
+    amsgrad = group["amsgrad"]
+
+    def prepare(indices, params=params, amsgrad=amsgrad):
+        sub = pick(params, indices)
+        states = []
+        for p in sub:
+            state = optimizer.state[p]
+            if len(state) == 0:
+                state["step"] = new_step_counter(p)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if amsgrad:
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+            states.append(state)
+        return PreparedStep(
+            "adam_step_", adam_step_, "adam_step", [as_real(p) for p in sub],
+            [("exp_avgs", [as_real(s["exp_avg"]) for s in states]),
+             ("exp_avg_sqs", [as_real(s["exp_avg_sq"]) for s in states]),
+             ("max_exp_avg_sqs",
+              [as_real(s["max_exp_avg_sq"]) for s in states] if amsgrad else None)],
+            [s["step"] for s in states], impl=optimizer.impl, watch_state=False,
+        )
+
+    plans = optimizer._plans(index, params, (amsgrad,), prepare)
+    beta1, beta2 = group["betas"]
+    run_plans(
+        plans, real_grads(optimizer, index, grads), lr=group["lr"], beta1=beta1,
+        beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=amsgrad,
+        maximize=group["maximize"],
+        decoupled_weight_decay=group.get("decoupled_weight_decay", decoupled),
+    )
 
 
 class Adam(FusedOptimizer, torch.optim.Adam):
@@ -109,7 +122,6 @@ class Adam(FusedOptimizer, torch.optim.Adam):
                          amsgrad=amsgrad, maximize=maximize, **extra)
         self.impl = Impl(impl)
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Performs a single optimization step (one fused call per param group and device)."""
         return _adam_step(self, closure, name="Adam", decoupled=False)
@@ -151,7 +163,6 @@ class AdamW(FusedOptimizer, torch.optim.AdamW):
                          amsgrad=amsgrad, maximize=maximize)
         self.impl = Impl(impl)
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Performs a single optimization step (one fused call per param group and device)."""
         return _adam_step(self, closure, name="AdamW", decoupled=True)

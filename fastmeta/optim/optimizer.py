@@ -18,7 +18,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fastmeta import backends
+from fastmeta.backends import Impl
 from fastmeta.ops.prepared import PreparedStep
+from fastmeta.ops.tensor_lists import check_scalar
 
 try:  # torch's global step hooks: when any is registered, torch's own step wrapper runs
     from torch.optim.optimizer import (
@@ -169,15 +172,48 @@ class FusedOptimizer:
             return plans
         plans = [(idx, prepare(idx)) for idx in device_groups(params)]
         plans_by_group = self.__dict__.setdefault("_fastmeta_plans", {})
+        fast_by_group = self.__dict__.setdefault("_fastmeta_fast", {})
+        fast_by_group.pop(group_index, None)
         if cache:
             has_complex = any(p.is_complex() for p in params)
             plans_by_group[group_index] = (params, layout, plans, has_complex)
+            group_params = self.param_groups[group_index]["params"]
+            # The native fast path takes whole groups: every param has a grad, one device,
+            # no complex params (their plans hold real views, not the group's tensors).
+            if len(plans) == 1 and not has_complex and len(params) == len(group_params):
+                native_group = plans[0][1].native_group(group_params)
+                if native_group is not None:
+                    fast_by_group[group_index] = (layout, native_group, plans[0][1].op)
         else:
             plans_by_group.pop(group_index, None)
         return plans
 
+    def _fast_step(self, group_index: int, group: dict, layout: tuple, kernel: str,
+                   *hyper) -> bool:
+        """One native call for the whole group when its prepared plan still holds (see
+        ``PreparedGroup`` in csrc/bindings.cpp): the group's params unchanged and unmoved, each
+        with a dense, contiguous ``.grad``. False, having done nothing, otherwise; the caller
+        then takes the general path, which re-prepares or raises as needed. ``hyper`` are the
+        kernel's arguments after the params, in order; ``lr`` (first) may be a tensor."""
+        fast_by_group = self.__dict__.get("_fastmeta_fast")
+        entry = fast_by_group.get(group_index) if fast_by_group else None
+        if entry is None or entry[0] != layout:
+            return False
+        layout, native_group, op = entry
+        lr = hyper[0]
+        if isinstance(lr, torch.Tensor):
+            hyper = (check_scalar(op, "lr", lr), *hyper[1:])
+        try:
+            done = getattr(native_group, kernel)(group["params"], *hyper)
+        except TypeError:  # an unusual hyperparameter (a tensor beta, ...): the general path
+            return False
+        if done:
+            backends.note(op, Impl.NATIVE)
+        return done
+
     def _drop_plans(self) -> None:
         self.__dict__.pop("_fastmeta_plans", None)
+        self.__dict__.pop("_fastmeta_fast", None)
 
     def load_state_dict(self, state_dict) -> None:
         self._drop_plans()

@@ -65,43 +65,52 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
                          momentum=momentum, centered=centered, maximize=maximize)
         self.impl = Impl(impl)
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Performs a single optimization step (one fused call per param group and device)."""
         loss = run_closure(closure)
         for index, group in enumerate(self.param_groups):
-            params, grads = params_with_grad("RMSprop", group)
-            if not params:
-                continue
             momentum, centered = group["momentum"], group["centered"]
-
-            def prepare(indices, params=params, momentum=momentum, centered=centered):
-                sub = pick(params, indices)
-                states = []
-                for p in sub:
-                    state = self.state[p]
-                    if len(state) == 0:
-                        zeros = torch.zeros_like  # every RMSprop state starts at zero
-                        state["step"] = new_step_counter(p)
-                        state["square_avg"] = zeros(p, memory_format=torch.preserve_format)
-                        if momentum > 0:
-                            state["momentum_buffer"] = zeros(p, memory_format=torch.preserve_format)
-                        if centered:
-                            state["grad_avg"] = zeros(p, memory_format=torch.preserve_format)
-                    states.append(state)
-                return PreparedStep(
-                    "rmsprop_step_", rmsprop_step_, "rmsprop_step", [as_real(p) for p in sub],
-                    [("square_avgs", [as_real(s["square_avg"]) for s in states]),
-                     ("momentum_buffers", [as_real(s["momentum_buffer"]) for s in states]
-                      if momentum > 0 else None),
-                     ("grad_avgs", [as_real(s["grad_avg"]) for s in states] if centered else None)],
-                    [s["step"] for s in states], impl=self.impl, watch_state=False,
-                )
-
-            plans = self._plans(index, params, (momentum > 0, centered), prepare)
-            run_plans(
-                plans, real_grads(self, index, grads), lr=group["lr"], alpha=group["alpha"],
-                eps=group["eps"], weight_decay=group["weight_decay"], momentum=momentum,
-                centered=centered, maximize=group["maximize"],
-            )
+            if self._fast_step(index, group, (momentum > 0, centered), "rmsprop", group["lr"],
+                               group["alpha"], group["eps"], group["weight_decay"], momentum,
+                               centered, group["maximize"]):
+                continue
+            with torch.no_grad():
+                self._step_group(index, group)
         return loss
+
+    def _step_group(self, index: int, group: dict) -> None:
+        """The general path: any param subset, device mix, complex params or new state."""
+        params, grads = params_with_grad("RMSprop", group)
+        if not params:
+            return
+        momentum, centered = group["momentum"], group["centered"]
+
+        def prepare(indices, params=params, momentum=momentum, centered=centered):
+            sub = pick(params, indices)
+            states = []
+            for p in sub:
+                state = self.state[p]
+                if len(state) == 0:
+                    zeros = torch.zeros_like  # every RMSprop state starts at zero
+                    state["step"] = new_step_counter(p)
+                    state["square_avg"] = zeros(p, memory_format=torch.preserve_format)
+                    if momentum > 0:
+                        state["momentum_buffer"] = zeros(p, memory_format=torch.preserve_format)
+                    if centered:
+                        state["grad_avg"] = zeros(p, memory_format=torch.preserve_format)
+                states.append(state)
+            return PreparedStep(
+                "rmsprop_step_", rmsprop_step_, "rmsprop_step", [as_real(p) for p in sub],
+                [("square_avgs", [as_real(s["square_avg"]) for s in states]),
+                 ("momentum_buffers", [as_real(s["momentum_buffer"]) for s in states]
+                  if momentum > 0 else None),
+                 ("grad_avgs", [as_real(s["grad_avg"]) for s in states] if centered else None)],
+                [s["step"] for s in states], impl=self.impl, watch_state=False,
+            )
+
+        plans = self._plans(index, params, (momentum > 0, centered), prepare)
+        run_plans(
+            plans, real_grads(self, index, grads), lr=group["lr"], alpha=group["alpha"],
+            eps=group["eps"], weight_decay=group["weight_decay"], momentum=momentum,
+            centered=centered, maximize=group["maximize"],
+        )

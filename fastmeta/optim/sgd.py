@@ -61,42 +61,51 @@ class SGD(FusedOptimizer, torch.optim.SGD):
                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
         self.impl = Impl(impl)
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Performs a single optimization step (one fused call per param group and device;
         two when some params get their momentum buffer on this step)."""
         loss = run_closure(closure)
         for index, group in enumerate(self.param_groups):
-            params, grads = params_with_grad("SGD", group)
-            if not params:
-                continue
             momentum = group["momentum"]
-            hyper = dict(
-                lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum,
-                dampening=group["dampening"], nesterov=group["nesterov"],
-                maximize=group["maximize"],
-            )
-            layout = (momentum != 0,)
-            plans = self._cached_plans(index, params, layout)
-            grads = real_grads(self, index, grads)
-            if plans is None:
-                fresh = [i for i, p in enumerate(params)
-                         if momentum != 0 and self.state[p].get("momentum_buffer") is None]
-                if fresh:
-                    # Buffers that start now take torch's first-step rule (buffer = d): those
-                    # params get a call of their own, and the plans are rebuilt next step.
-                    fresh_set = set(fresh)
-                    running = [i for i in range(len(params)) if i not in fresh_set]
-                    for subset, first in ((fresh, True), (running, False)):
-                        if subset:
-                            sub = pick(params, subset)
-                            plans = self._plans(index, sub, layout,
-                                                self._preparer(sub, momentum), cache=False)
-                            run_plans(plans, pick(grads, subset), first_step=first, **hyper)
-                    continue
-                plans = self._plans(index, params, layout, self._preparer(params, momentum))
-            run_plans(plans, grads, first_step=False, **hyper)
+            if self._fast_step(index, group, (momentum != 0,), "sgd", group["lr"],
+                               group["weight_decay"], momentum, group["dampening"],
+                               group["nesterov"], group["maximize"]):
+                continue
+            with torch.no_grad():
+                self._step_group(index, group)
         return loss
+
+    def _step_group(self, index: int, group: dict) -> None:
+        """The general path: any param subset, device mix, complex params or new buffers."""
+        params, grads = params_with_grad("SGD", group)
+        if not params:
+            return
+        momentum = group["momentum"]
+        hyper = dict(
+            lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum,
+            dampening=group["dampening"], nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        layout = (momentum != 0,)
+        plans = self._cached_plans(index, params, layout)
+        grads = real_grads(self, index, grads)
+        if plans is None:
+            fresh = [i for i, p in enumerate(params)
+                     if momentum != 0 and self.state[p].get("momentum_buffer") is None]
+            if fresh:
+                # Buffers that start now take torch's first-step rule (buffer = d): those
+                # params get a call of their own, and the plans are rebuilt next step.
+                fresh_set = set(fresh)
+                running = [i for i in range(len(params)) if i not in fresh_set]
+                for subset, first in ((fresh, True), (running, False)):
+                    if subset:
+                        sub = pick(params, subset)
+                        plans = self._plans(index, sub, layout,
+                                            self._preparer(sub, momentum), cache=False)
+                        run_plans(plans, pick(grads, subset), first_step=first, **hyper)
+                return
+            plans = self._plans(index, params, layout, self._preparer(params, momentum))
+        run_plans(plans, grads, first_step=False, **hyper)
 
     def _preparer(self, params: list[torch.Tensor], momentum: float):
         def prepare(indices):
