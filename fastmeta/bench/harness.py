@@ -84,11 +84,32 @@ def time_fn(
     )
 
 
-def stream_floor(
-    num_elements: int, reads: int, writes: int, *, min_run_time: float = DEFAULT_MIN_RUN_TIME
-) -> Timing | None:
-    """Times the roofline probe on fresh float32 arrays of ``num_elements`` each: ``reads``
-    streams in, ``writes`` of them written back in place. None without the extension."""
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    rounds: int,
+    min_run_time: float = DEFAULT_MIN_RUN_TIME,
+    device: str = "cpu",
+) -> dict[str, Timing]:
+    """Times every ``fns[name]`` in ``rounds`` interleaved rounds of ``min_run_time / rounds``
+    seconds each and keeps each side's fastest round (by median).
+
+    On a shared machine another process that starts in the middle of a measurement slows
+    whatever runs then; interleaving spreads such bursts over every side alike, and keeping the
+    least disturbed round (as ``timeit`` keeps the minimum) treats all sides the same way.
+    """
+    best: dict[str, Timing] = {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time_fn(fn, min_run_time=min_run_time / rounds, device=device)
+            if name not in best or t.median < best[name].median:
+                best[name] = t
+    return best
+
+
+def stream_probe(num_elements: int, reads: int, writes: int) -> Callable[[], None] | None:
+    """The roofline probe on fresh float32 arrays of ``num_elements`` each: ``reads`` streams
+    in, ``writes`` of them written back in place. None without the extension."""
     from fastmeta import backends
 
     native = backends.native()
@@ -96,8 +117,20 @@ def stream_floor(
         return None
     arrays = [torch.rand(num_elements) for _ in range(reads)]
     addresses = [a.data_ptr() for a in arrays]
-    return time_fn(lambda: native.stream(addresses, writes, num_elements),
-                   min_run_time=min_run_time)
+
+    def probe() -> None:
+        native.stream(addresses, writes, num_elements)
+
+    probe.arrays = arrays  # type: ignore[attr-defined]  # alive as long as the probe
+    return probe
+
+
+def stream_floor(
+    num_elements: int, reads: int, writes: int, *, min_run_time: float = DEFAULT_MIN_RUN_TIME
+) -> Timing | None:
+    """Times :func:`stream_probe`; None without the extension."""
+    probe = stream_probe(num_elements, reads, writes)
+    return None if probe is None else time_fn(probe, min_run_time=min_run_time)
 
 
 _cuda_copy_bandwidth: float | None = None

@@ -228,14 +228,7 @@ def cavia_rows(*, min_run_time: float, rounds: int = CAVIA_ROUNDS) -> Iterator[h
     for name, maker in makers.items():
         torch.manual_seed(0)
         step_fns[name] = maker(MLP(in_features=1 + CAVIA_CONTEXT), episode, steps)
-    # Interleaved rounds, keeping each side's least disturbed one: another process that
-    # starts in the middle of a measurement then hits every side alike.
-    best: dict[str, harness.Timing] = {}
-    for _ in range(rounds):
-        for name, step in step_fns.items():
-            t = harness.time_fn(step, min_run_time=min_run_time / rounds)
-            if name not in best or t.median < best[name].median:
-                best[name] = t
+    best = harness.time_interleaved(step_fns, rounds=rounds, min_run_time=min_run_time)
     ours = best.pop("fastmeta")
     yield harness.Row(name=f"CAVIA sinusoid T=25 K=10 d={CAVIA_CONTEXT}, {steps} step",
                       ours=ours, baselines=dict(best),

@@ -49,6 +49,12 @@ def make_params(shapes, seed: int = 0, device: str = "cpu") -> list[torch.Tensor
     return params
 
 
+# Interleaved timing rounds per row (each side keeps its fastest round): see
+# harness.time_interleaved. Large-tensor rows sit at the memory floor on both sides, where a
+# burst from another process during one side's measurement used to decide the ratio.
+ROUNDS = 3
+
+
 def bench_optimizer(
     name: str,
     *,
@@ -57,8 +63,10 @@ def bench_optimizer(
     compile_baseline: bool = False,
     progress: Callable[[str], None] = print,
     device: str = "cpu",
+    rounds: int = ROUNDS,
 ) -> Iterator[harness.Row]:
-    """Yields one row per workload (so an interrupted run keeps the finished rows). On CUDA the
+    """Yields one row per workload (so an interrupted run keeps the finished rows). Ours, each
+    torch variant and the stream floor are timed in ``rounds`` interleaved rounds. On CUDA the
     floor is the measured device-to-device copy bandwidth applied to the same bytes."""
     config = CONFIGS[name]
     ours_cls = getattr(fo, name)
@@ -66,38 +74,45 @@ def bench_optimizer(
     reads, writes = STREAMS[name]
     for workload in workloads:
         shapes = WORKLOADS[workload]
-        progress(f"{name} on {workload}: fastmeta")
-        ours_opt = ours_cls(make_params(shapes, device=device), **config)
-        ours = harness.time_fn(ours_opt.step, min_run_time=min_run_time, device=device)
-        baselines: dict[str, harness.Timing | None] = {}
+        progress(f"{name} on {workload}: preparing fastmeta and torch "
+                 f"{', '.join(TORCH_VARIANTS)}")
+        steps: dict[str, Callable[[], Any]] = {
+            "fastmeta": ours_cls(make_params(shapes, device=device), **config).step,
+        }
         for variant, flags in TORCH_VARIANTS.items():
             if "fused" in flags and name in NO_TORCH_FUSED:
-                baselines[variant] = None  # torch has no fused kernel for this optimizer
-                continue
-            progress(f"{name} on {workload}: torch {variant}")
+                continue  # torch has no fused kernel for this optimizer
             opt = torch_cls(make_params(shapes, device=device), **config, **flags)
-            baselines[variant] = harness.time_fn(opt.step, min_run_time=min_run_time,
-                                                 device=device)
+            steps[variant] = opt.step
         if compile_baseline:
             progress(f"{name} on {workload}: torch.compile (compiling)")
             opt = torch_cls(make_params(shapes, device=device), **config, foreach=False)
             # A fresh dynamo cache per baseline: past its recompile limit (8) torch.compile
             # silently runs eager, which would time the wrong thing.
             torch._dynamo.reset()
-            compiled = torch.compile(opt.step)
-            baselines["compile"] = harness.time_fn(compiled, min_run_time=min_run_time,
-                                                   device=device)
-        progress(f"{name} on {workload}: stream floor ({reads}R/{writes}W)")
+            steps["compile"] = torch.compile(opt.step)
         nbytes = numel(shapes) * 4 * (reads + writes)
-        if device == "cuda":
-            floor = harness.cuda_copy_floor(nbytes)
-        else:
-            floor = harness.stream_floor(numel(shapes), reads, writes,
-                                         min_run_time=min_run_time)
+        if device != "cuda":
+            probe = harness.stream_probe(numel(shapes), reads, writes)
+            if probe is not None:
+                steps["floor"] = probe
+        progress(f"{name} on {workload}: timing {', '.join(steps)} ({rounds} interleaved "
+                 f"rounds; floor {reads}R/{writes}W)")
+        timings = harness.time_interleaved(steps, rounds=rounds, min_run_time=min_run_time,
+                                           device=device)
+        ours = timings.pop("fastmeta")
+        floor = harness.cuda_copy_floor(nbytes) if device == "cuda" else timings.pop("floor", None)
+        baselines: dict[str, harness.Timing | None] = {
+            variant: timings.get(variant) for variant in TORCH_VARIANTS
+        }
+        if compile_baseline:
+            baselines["compile"] = timings["compile"]
+        del steps, timings  # free this workload's tensors before the next one
         yield harness.Row(
             name=f"{name} {workload}", ours=ours, baselines=baselines, floor=floor,
             notes={"tensors": len(shapes), "elements": numel(shapes),
-                   "bytes": nbytes, "config": str(config), "device": device},
+                   "bytes": nbytes, "config": str(config), "device": device,
+                   "rounds": rounds},
         )
 
 
