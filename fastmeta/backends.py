@@ -150,6 +150,14 @@ def resolve(impl: Impl | str, device: torch.device, *, op: str, record: bool = T
     Raises:
         ImplementationUnavailable: an explicitly requested implementation cannot run here.
     """
+    # The common case first (auto on a CPU tensor with the extension built and no override):
+    # the general path below costs ~9 µs, as much as a whole differentiable step on a small
+    # buffer such as CAVIA's [25, 5] context.
+    if (impl is Impl.AUTO and _native_module is not None and device.type == "cpu"
+            and IMPL_ENV_VAR not in os.environ):
+        if record and _trace_stack:
+            _trace_stack[-1].append((op, Impl.NATIVE))
+        return Impl.NATIVE
     requested = _parse(impl)
     if requested is Impl.AUTO:
         env = os.environ.get(IMPL_ENV_VAR, "").strip()

@@ -4,6 +4,7 @@ inputs drives every generic test (in the spirit of torch's OptimizerInfo)."""
 from __future__ import annotations
 
 import copy
+import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -389,6 +390,29 @@ def test_native_fast_path_runs_and_steps_aside_when_the_group_changes(info, monk
     # perturbed, 5 (and 11 for SGD, whose new param starts its buffer on step 10) prepare again.
     assert not set(general_path_steps) & {2, 3, 7, 9}
     assert {4, 6, 8, 10} <= set(general_path_steps)
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_deepcopy_of_a_prepared_optimizer_steps_its_own_params(info):
+    """The prepared plans hold addresses: a deep copy (as in checkpointing by copy) must not
+    inherit them, and must step its own tensors exactly as the original steps its own."""
+    config = info.configs[1]
+    params = _params()
+    opt = info.ours(params, **config)
+    grads = _grad_sequence(params, 6)
+    _run(opt, params, grads[:3])
+    twin = copy.deepcopy(opt)
+    twin_params = twin.param_groups[0]["params"]
+    _run(opt, params, grads[3:])
+    _run(twin, twin_params, grads[3:])
+    for p, q in zip(params, twin_params):
+        assert p is not q
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+    # The requested implementation survives pickling (torch pickles only defaults, state and
+    # param groups).
+    assert pickle.loads(pickle.dumps(info.ours(_params(), impl="reference"))).impl \
+        is Impl.REFERENCE
 
 
 @pytest.mark.native

@@ -223,9 +223,17 @@ class FusedOptimizer:
         self._drop_plans()
         super().add_param_group(param_group)
 
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups; the requested
+        # implementation travels too (the plans never do: they hold addresses).
+        state = super().__getstate__()
+        state["impl"] = self.__dict__.get("impl", Impl.AUTO)
+        return state
+
     def __setstate__(self, state) -> None:
         self._drop_plans()
         super().__setstate__(state)
+        self.__dict__.setdefault("impl", Impl.AUTO)  # pickled before impl travelled with it
 
 
 def real_grads(optimizer: FusedOptimizer, group_index: int, grads: list[torch.Tensor]
