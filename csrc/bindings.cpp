@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <stdexcept>
@@ -41,6 +42,8 @@ struct KernelTable {
       rmsprop_forward;
   decltype(&generic::sgd_backward_chunk) sgd_backward, adam_backward, adagrad_backward,
       rmsprop_backward;
+  decltype(&generic::lstm_rule_forward_chunk) lstm_rule_forward;
+  decltype(&generic::lstm_rule_backward_chunk) lstm_rule_backward;
 };
 
 #define FASTMETA_TABLE(ISA)                                                                     \
@@ -48,7 +51,8 @@ struct KernelTable {
     #ISA, &ISA::sgd_chunk, &ISA::adam_chunk, &ISA::adagrad_chunk, &ISA::rmsprop_chunk,          \
         &ISA::stream_chunk, &ISA::sgd_forward_chunk, &ISA::adam_forward_chunk,                  \
         &ISA::adagrad_forward_chunk, &ISA::rmsprop_forward_chunk, &ISA::sgd_backward_chunk,     \
-        &ISA::adam_backward_chunk, &ISA::adagrad_backward_chunk, &ISA::rmsprop_backward_chunk  \
+        &ISA::adam_backward_chunk, &ISA::adagrad_backward_chunk, &ISA::rmsprop_backward_chunk, \
+        &ISA::lstm_rule_forward_chunk, &ISA::lstm_rule_backward_chunk                           \
   }
 
 bool cpu_supports(const std::string& isa) {
@@ -390,6 +394,127 @@ void stream(const Ptrs& arrays, int num_writes, int64_t n) {
 }
 
 
+// ---- The learned LSTM rule (csrc/lstm_rule.cpp) ------------------------------------------------
+// Python (fastmeta/ops/lstm_fused.py) has checked every tensor: contiguous, one dtype (float32
+// or float64), one CPU device, the shapes of LstmRule.
+
+// Coordinates per chunk: at least kLstmMinChunk (each coordinate costs ~5,000 FMAs forward, so
+// 128 of them are tens of microseconds of work, worth a thread), and at most kLstmMaxChunks
+// chunks per call, which bounds the backward's per-chunk weight-gradient partial sums (~40 KiB
+// each at H = 20). A multiple of 64, so that every ISA's block (at most 32 coordinates) fits.
+// The chunking depends on n only, never on the thread count: the weight gradients are summed
+// in chunk order and come out the same for any OMP_NUM_THREADS.
+constexpr int64_t kLstmMinChunk = 128;
+constexpr int64_t kLstmMaxChunks = 256;
+
+int64_t lstm_chunk(int64_t n) {
+  const int64_t even = (n + kLstmMaxChunks - 1) / kLstmMaxChunks;
+  return std::max(kLstmMinChunk, (even + 63) / 64 * 64);
+}
+
+// Runs body(chunk, begin, length) over the chunks of n coordinates, in parallel; false if any
+// call returned false (a failed scratch allocation).
+template <typename Body>
+bool for_each_lstm_chunk(int64_t n, Body body) {
+  const int64_t size = lstm_chunk(n);
+  const int64_t count = (n + size - 1) / size;
+  std::atomic<bool> ok{true};
+  auto run = [&](int64_t c) {
+    if (!body(c, c * size, std::min(size, n - c * size))) ok.store(false);
+  };
+  if (count < 2 || max_threads() == 1) {
+    for (int64_t c = 0; c < count; ++c) run(c);
+  } else {
+    // Dynamic: a chunk is >= ~50 µs of work, so handing them out one by one costs nothing, and
+    // a thread that the OS has descheduled (torch's OpenMP pool spinning on the same cores)
+    // does not hold up the chunks a static schedule would have given it.
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t c = 0; c < count; ++c) run(c);
+  }
+  return ok.load();
+}
+
+int64_t lstm_weight_numel(int64_t H) { return 4 * H * 2 + 3 * 4 * H * H + 2 * 4 * H + H + 1; }
+
+LstmRule make_lstm_rule(int64_t grad, const Ptrs& state, const Ptrs& weights, int64_t n,
+                        int64_t hidden, int dtype, double p, double output_scale) {
+  if (grad == 0) throw std::invalid_argument("grad must not be null");
+  if (n < 0 || hidden < 1) throw std::invalid_argument("need n >= 0 and hidden >= 1");
+  if (dtype != kFloat32 && dtype != kFloat64)
+    throw std::invalid_argument("dtype: the LSTM rule runs on float32 or float64");
+  check_list(state, 4, "state", true);
+  check_list(weights, kLstmWeights, "weights", false);
+  LstmRule a{};
+  a.hidden = hidden;
+  a.grad = as_ptr(grad);
+  for (int s = 0; s < 4; ++s) a.state[s] = ptr_at(state, s);
+  for (int w = 0; w < kLstmWeights; ++w) {
+    if (weights[w] == 0) throw std::invalid_argument("weights must not be null");
+    a.weight[w] = as_ptr(weights[w]);
+  }
+  a.p = p;
+  a.output_scale = output_scale;
+  return a;
+}
+
+void lstm_rule_forward(int64_t grad, const Ptrs& state, const Ptrs& weights, int64_t update,
+                       const Ptrs& state_out, int64_t skipped, int64_t n, int64_t hidden,
+                       int dtype, double p, double output_scale) {
+  LstmRule a = make_lstm_rule(grad, state, weights, n, hidden, dtype, p, output_scale);
+  if (update == 0) throw std::invalid_argument("update must not be null");
+  check_list(state_out, 4, "state_out", true);
+  a.update = as_ptr(update);
+  for (int s = 0; s < 4; ++s) a.state_out[s] = ptr_at(state_out, s);
+  a.skipped = static_cast<uint8_t*>(as_ptr(skipped));
+  const auto kernel = kernels().lstm_rule_forward;
+  bool ok;
+  {
+    py::gil_scoped_release no_gil;
+    ok = for_each_lstm_chunk(n, [&](int64_t, int64_t begin, int64_t len) {
+      return kernel(a, static_cast<DType>(dtype), begin, len);
+    });
+  }
+  if (!ok) throw std::bad_alloc();
+}
+
+void lstm_rule_backward(int64_t grad, const Ptrs& state, const Ptrs& weights,
+                        int64_t grad_update, const Ptrs& grad_state_out, int64_t grad_grad,
+                        const Ptrs& grad_state, int64_t weight_grad, int64_t n, int64_t hidden,
+                        int dtype, double p, double output_scale) {
+  const LstmRule a = make_lstm_rule(grad, state, weights, n, hidden, dtype, p, output_scale);
+  check_list(grad_state_out, 4, "grad_state_out", true);
+  check_list(grad_state, 4, "grad_state", true);
+  LstmRuleGrad base{};
+  base.grad_update = as_ptr(grad_update);
+  for (int s = 0; s < 4; ++s) {
+    base.grad_state_out[s] = ptr_at(grad_state_out, s);
+    base.grad_state[s] = ptr_at(grad_state, s);
+  }
+  base.grad_grad = as_ptr(grad_grad);
+  double* out = static_cast<double*>(as_ptr(weight_grad));
+  const int64_t numel = lstm_weight_numel(hidden);
+  const int64_t size = lstm_chunk(n);
+  const int64_t count = (n + size - 1) / size;
+  std::vector<double> partial(out ? static_cast<size_t>(count * numel) : 0, 0.0);
+  const auto kernel = kernels().lstm_rule_backward;
+  bool ok;
+  {
+    py::gil_scoped_release no_gil;
+    ok = for_each_lstm_chunk(n, [&](int64_t c, int64_t begin, int64_t len) {
+      LstmRuleGrad g = base;
+      g.weight_grad = out ? partial.data() + c * numel : nullptr;
+      return kernel(a, g, static_cast<DType>(dtype), begin, len);
+    });
+    if (out)
+      for (int64_t i = 0; i < numel; ++i) {
+        double total = 0.0;
+        for (int64_t c = 0; c < count; ++c) total += partial[c * numel + i];
+        out[i] = total;
+      }
+  }
+  if (!ok) throw std::bad_alloc();
+}
+
 // ---- The drop-in optimizers' per-step fast path ------------------------------------------------
 // A param group prepared once in Python (fastmeta/optim/optimizer.py: FusedOptimizer): the
 // params' and state tensors' addresses, element counts and dtypes. Each step then only has to
@@ -574,6 +699,17 @@ PYBIND11_MODULE(_C, m) {
       .def("adam", &PreparedGroup::adam)
       .def("adagrad", &PreparedGroup::adagrad)
       .def("rmsprop", &PreparedGroup::rmsprop);
+  m.def("lstm_rule_forward", &lstm_rule_forward, py::arg("grad"), py::arg("state"),
+        py::arg("weights"), py::arg("update"), py::arg("state_out"), py::arg("skipped"),
+        py::arg("n"), py::arg("hidden"), py::arg("dtype"), py::arg("p"), py::arg("output_scale"),
+        "The fused LSTM rule's step (csrc/lstm_rule.cpp) on n coordinates.");
+  m.def("lstm_rule_backward", &lstm_rule_backward, py::arg("grad"), py::arg("state"),
+        py::arg("weights"), py::arg("grad_update"), py::arg("grad_state_out"),
+        py::arg("grad_grad"), py::arg("grad_state"), py::arg("weight_grad"), py::arg("n"),
+        py::arg("hidden"), py::arg("dtype"), py::arg("p"), py::arg("output_scale"),
+        "VJP of lstm_rule_forward; weight_grad receives the float64 weight gradients, flat.");
+  m.def("lstm_rule_weight_numel", &lstm_weight_numel, py::arg("hidden"),
+        "Length of lstm_rule_backward's flat weight_grad for this hidden size.");
   m.def("stream", &stream, py::arg("arrays"), py::arg("num_writes"), py::arg("n"),
         "Memory-roofline probe: reads every float32 array (n elements each) and writes the "
         "first num_writes of them back in place.");

@@ -110,6 +110,41 @@ enum AdamHyper { kAdamLr, kAdamBeta1, kAdamBeta2, kAdamEps, kAdamWeightDecay, kA
 enum AdagradHyper { kAdagradLr, kAdagradLrDecay, kAdagradWeightDecay, kAdagradEps, kAdagradHypers };
 enum RmspropHyper { kRmspropLr, kRmspropAlpha, kRmspropEps, kRmspropWeightDecay, kRmspropMomentum, kRmspropHypers };
 
+// ---- The learned LSTM rule (csrc/lstm_rule.cpp, fastmeta/ops/lstm_fused.py) ----------------
+// n coordinates, hidden size H. States are [n, H] row-major; everything is one dtype (float32
+// or float64) except `skipped` (bool bytes). The weights, in LstmWeight order, are those of two
+// nn.LSTMCell (the two biases of a cell added: b = b_ih + b_hh) and of the head nn.Linear(H, 1).
+enum LstmWeight {
+  kLstmWIh1,   // [4H, 2]
+  kLstmWHh1,   // [4H, H]
+  kLstmB1,     // [4H]
+  kLstmWIh2,   // [4H, H]
+  kLstmWHh2,   // [4H, H]
+  kLstmB2,     // [4H]
+  kLstmWHead,  // [H]
+  kLstmBHead,  // [1]
+  kLstmWeights
+};
+struct LstmRule {
+  int64_t hidden;
+  const void* grad;               // [n] gradients g
+  const void* state[4];           // h1, c1, h2, c2; nullptr reads as zeros (the first step)
+  const void* weight[kLstmWeights];
+  double p, output_scale;         // preprocessing constant, factor on the head's output
+  void* update;                   // [n] out: u (0 where g is not finite)
+  void* state_out[4];             // [n, H] out, nullptr = not wanted
+  uint8_t* skipped;               // [n] out: g was not finite; nullptr = not wanted
+};
+struct LstmRuleGrad {
+  const void* grad_update;        // [n] ∂L/∂u, nullptr = 0
+  const void* grad_state_out[4];  // [n, H] ∂L/∂state', nullptr = 0
+  void* grad_grad;                // [n] out ∂L/∂g, nullptr = not wanted
+  void* grad_state[4];            // [n, H] out ∂L/∂state, nullptr = not wanted
+  // This chunk's float64 partial sums of the weight gradients (zeroed, added to), the weights
+  // concatenated flat in LstmWeight order; nullptr = not wanted.
+  double* weight_grad;
+};
+
 #define FASTMETA_DECLARE_BATCHED(ISA, OP)                                                        \
   void OP##_forward_chunk(const BatchedStep& s, DType dtype, int64_t begin, int64_t n);        \
   void OP##_backward_chunk(const BatchedStep& s, const BatchedGrad& g, DType dtype, int64_t begin, \
@@ -130,6 +165,9 @@ enum RmspropHyper { kRmspropLr, kRmspropAlpha, kRmspropEps, kRmspropWeightDecay,
   FASTMETA_DECLARE_BATCHED(ISA, adam)                                                          \
   FASTMETA_DECLARE_BATCHED(ISA, adagrad)                                                       \
   FASTMETA_DECLARE_BATCHED(ISA, rmsprop)                                                       \
+  bool lstm_rule_forward_chunk(const LstmRule& a, DType dtype, int64_t begin, int64_t n);      \
+  bool lstm_rule_backward_chunk(const LstmRule& a, const LstmRuleGrad& g, DType dtype,         \
+                                int64_t begin, int64_t n);                                     \
   }
 
 FASTMETA_DECLARE_KERNELS(avx512)

@@ -141,3 +141,17 @@ def rmsprop_backward(param: int, grad: int, states: list[int], grad_param_out: i
                      grad_states: list[int], grad_lr: int, hyper_grad: int, tasks: int,
                      numel: int, dtype: int, hyper: int, lr: int, lr_task_stride: int,
                      step: float, flags: int) -> None: ...
+
+# The learned LSTM rule (csrc/lstm_rule.cpp; fastmeta/ops/lstm_rule.py). n coordinates, hidden
+# size `hidden`, one dtype (code `dtype`: float32 or float64). `state` holds the addresses of
+# h1, c1, h2, c2 ([n, hidden] each), or is empty for zeros; `weights` the 8 tensors of
+# fastmeta.ops.lstm_rule.LSTMRuleWeights in order. An address of 0 means "absent" (an input
+# read as zeros) or "not wanted" (an output). `skipped` is a bool [n] output.
+def lstm_rule_forward(grad: int, state: list[int], weights: list[int], update: int,
+                      state_out: list[int], skipped: int, n: int, hidden: int, dtype: int,
+                      p: float, output_scale: float) -> None: ...
+def lstm_rule_backward(grad: int, state: list[int], weights: list[int], grad_update: int,
+                       grad_state_out: list[int], grad_grad: int, grad_state: list[int],
+                       weight_grad: int, n: int, hidden: int, dtype: int, p: float,
+                       output_scale: float) -> None: ...
+def lstm_rule_weight_numel(hidden: int) -> int: ...

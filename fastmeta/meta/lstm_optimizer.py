@@ -2,7 +2,9 @@
 
 :class:`LSTMOptimizer` holds the rule's weights (two ``nn.LSTMCell`` s of 20 units and a linear
 head, shared by every coordinate) and applies it to a flat gradient; the maths and the policy for
-non-finite gradients are in :mod:`fastmeta.ops.lstm_rule`. Use a trained rule in an ordinary
+non-finite gradients are in :mod:`fastmeta.ops.lstm_rule`. Each step is one call of the fused op
+:func:`fastmeta.ops.lstm_rule.lstm_rule` (C++ on the CPU, Triton on CUDA, forward and backward),
+or of the ``nn.LSTMCell`` reference with ``impl="reference"``. Use a trained rule in an ordinary
 training loop with :class:`fastmeta.optim.Learned`.
 
 A rule file holds the architecture and the weights only (tensors, numbers and strings), so it
@@ -19,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastmeta.ops.lstm_rule import LSTMState, lstm_rule_reference
+from fastmeta.backends import Impl
+from fastmeta.ops.lstm_rule import LSTMRuleWeights, LSTMState, lstm_rule, lstm_rule_reference
 
 __all__ = ["RULE_FORMAT", "LSTMOptimizer", "LSTMState"]
 
@@ -39,6 +42,9 @@ class LSTMOptimizer(nn.Module):
         hidden_size: units of each of the two LSTM layers (20 in the paper).
         preprocess_p: p of the gradient preprocessing (10 in the paper).
         output_scale: the factor on the LSTM's output (0.1).
+        impl: which implementation runs the rule (see :mod:`fastmeta.backends`): ``auto`` (the
+            fused kernels where they run), ``native``, ``triton`` or ``reference`` (the
+            ``nn.LSTMCell`` modules themselves). Not part of the rule file; set ``rule.impl``.
 
     Example:
         >>> import torch
@@ -50,7 +56,7 @@ class LSTMOptimizer(nn.Module):
     """
 
     def __init__(self, hidden_size: int = HIDDEN, *, preprocess_p: float = PREPROCESS_P,
-                 output_scale: float = OUTPUT_SCALE) -> None:
+                 output_scale: float = OUTPUT_SCALE, impl: Impl | str = Impl.AUTO) -> None:
         super().__init__()
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be an int >= 1, got {hidden_size!r}")
@@ -61,6 +67,7 @@ class LSTMOptimizer(nn.Module):
         self.hidden_size = hidden_size
         self.preprocess_p = float(preprocess_p)
         self.output_scale = float(output_scale)
+        self.impl = Impl(impl)
         self.cell1 = nn.LSTMCell(2, hidden_size)
         self.cell2 = nn.LSTMCell(hidden_size, hidden_size)
         self.head = nn.Linear(hidden_size, 1)
@@ -94,8 +101,12 @@ class LSTMOptimizer(nn.Module):
                 if t.shape != (grad.shape[0], self.hidden_size):
                     raise ValueError(f"state.{name} has shape {list(t.shape)}, expected "
                                      f"[{grad.shape[0]}, {self.hidden_size}]")
-        return lstm_rule_reference(grad, state, self.cell1, self.cell2, self.head,
-                                   p=self.preprocess_p, output_scale=self.output_scale)
+        if self.impl is Impl.REFERENCE:
+            return lstm_rule_reference(grad, state, self.cell1, self.cell2, self.head,
+                                       p=self.preprocess_p, output_scale=self.output_scale)
+        weights = LSTMRuleWeights.from_modules(self.cell1, self.cell2, self.head)
+        return lstm_rule(grad, state, weights, p=self.preprocess_p,
+                         output_scale=self.output_scale, impl=self.impl)
 
     # ---- files -------------------------------------------------------------------------------
 
@@ -144,4 +155,4 @@ class LSTMOptimizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, preprocess_p={self.preprocess_p}, "
-                f"output_scale={self.output_scale}")
+                f"output_scale={self.output_scale}, impl={self.impl.value}")

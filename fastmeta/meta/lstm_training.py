@@ -16,6 +16,10 @@ Training runs ``horizon`` optimizee steps (100), split into truncations of ``unr
 Adam, and θ and the LSTM state are carried on, detached. With ``second_order=False`` (the
 paper's choice) the optimizee gradients are treated as constants, dropping the second
 derivatives ∂²f/∂θ².
+
+The meta-gradient only ever needs the rule's first derivatives (w.r.t. its weights, its state,
+and with ``second_order=True`` its gradient input, through which ∂²f/∂θ² enters), so it runs on
+the fused backward of :func:`fastmeta.ops.lstm_rule.lstm_rule` when the rule's ``impl`` allows.
 """
 
 from __future__ import annotations

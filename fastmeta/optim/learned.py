@@ -26,7 +26,9 @@ class Learned(torch.optim.Optimizer):
     ``step``, and ``nonfinite``: how many gradient entries were skipped as NaN/inf, which leave
     their coordinate and its state unchanged) is ordinary optimizer state, so ``state_dict()`` /
     ``load_state_dict()`` work as for any ``torch.optim`` optimizer. The rule itself is a
-    constructor argument (as ``lr`` is for SGD): save it with :meth:`LSTMOptimizer.save`.
+    constructor argument (as ``lr`` is for SGD): save it with :meth:`LSTMOptimizer.save`. The
+    rule runs as one fused kernel call per param group (``rule.impl``, ``auto`` by default; see
+    :func:`fastmeta.ops.lstm_rule.lstm_rule`).
 
     Args:
         params: parameters or param groups (float32 or float64, on the rule's device).
