@@ -1,4 +1,11 @@
-"""The ``fastmeta`` command: ``info``, ``demo``, ``bench``, ``train maml|cavia`` and ``eval``."""
+"""The ``fastmeta`` command: ``info``, ``demo``, ``bench``, ``train maml|cavia|lstm-opt`` and
+``eval``.
+
+``train maml|cavia`` meta-trains a few-shot learner (``--task``); ``train lstm-opt`` meta-trains
+the learned LSTM optimizer of Andrychowicz et al. 2016 (``--problem``) and compares it with tuned
+SGD, momentum, RMSprop and Adam. Every run checkpoints as it goes and continues exactly with
+``--resume``; ``eval`` evaluates any of their checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -72,6 +79,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         err = max((a - b).abs().max().item() for a, b in zip(params, results["reference"]))
         print(f"  {impl:<10} {elapsed * 1e6:9.1f} us/step   max |diff vs reference| = {err:.2e}")
     return 0
+
+
+# `fastmeta eval` of a MAML or CAVIA checkpoint: tasks and inner steps by default.
+MAML_EVAL_TASKS, MAML_EVAL_STEPS = 1000, [1, 10]
 
 
 class _Progress:
@@ -159,7 +170,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 130 if interrupted else 1 if failures else 0
 
 
+# `fastmeta train` options (argparse dests) that only some algorithms take; an option of one
+# family given to the other is refused by name. The rest (--meta-batch, --outer-lr,
+# --eval-every, --eval-tasks, --seed, --impl, --out, --resume) apply to every algorithm.
+META_LEARNING_ONLY = ("task", "shots", "queries", "ways", "inner_steps", "inner_lr",
+                      "first_order", "inner_optimizer", "learn_inner_lr", "iterations",
+                      "grad_clip", "eval_steps", "eval_shots", "omniglot_root", "filters",
+                      "num_context_params", "context_mode")
+LSTM_OPT_ONLY = ("problem", "epochs", "horizon", "unroll", "second_order", "hidden")
+LSTM_OPT_KEYS = LSTM_OPT_ONLY + ("meta_batch", "outer_lr", "eval_every", "eval_tasks", "seed",
+                                 "impl", "out")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _refuse_foreign_options(args: argparse.Namespace) -> None:
+    lstm = args.algorithm == "lstm-opt"
+    foreign = [_flag(k) for k in (META_LEARNING_ONLY if lstm else LSTM_OPT_ONLY)
+               if getattr(args, k) is not None]
+    if foreign:
+        owner = "maml and cavia" if lstm else "lstm-opt"
+        which = "this option applies" if len(foreign) == 1 else "these options apply"
+        raise ValueError(f"{', '.join(foreign)}: {which} to {owner} only, not to "
+                         f"{args.algorithm}")
+
+
 def _train_config(args: argparse.Namespace) -> dict:
+    _refuse_foreign_options(args)
+    if args.algorithm == "lstm-opt":
+        from fastmeta.meta import lstm_runs
+
+        return lstm_runs.default_config(**{k: getattr(args, k) for k in LSTM_OPT_KEYS
+                                           if getattr(args, k) is not None})
     from fastmeta.meta.runs import default_config
 
     keys = ["task", "shots", "queries", "ways", "inner_steps", "inner_lr", "first_order",
@@ -184,16 +228,30 @@ def _describe(ev: dict) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fastmeta.meta import runs
+    from fastmeta.meta import lstm_runs, runs
     from fastmeta.meta.training import CheckpointError
 
+    lstm = args.algorithm == "lstm-opt"
+    config: dict | None = None
     try:
         config = _train_config(args)
-        summary = runs.train(config, resume=args.resume)
+        summary = (lstm_runs if lstm else runs).train(config, resume=args.resume)
     except (ValueError, CheckpointError) as exc:
         print(f"fastmeta train: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        print(f"fastmeta train: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if config is not None:
+            print(f"\nfastmeta train: interrupted; {config['out']}/checkpoint.pt holds the last "
+                  "checkpoint: continue with --resume", file=sys.stderr)
+        return 130
     print(f"trained in {summary['train_seconds']:.1f} s; results in {config['out']}")
+    if lstm:
+        print(f"{summary['held_out_problems']} held-out {config['problem']} problems:")
+        print(lstm_runs.format_table(summary["results"], summary["steps"]))
+        return 0
     for ev in summary["evaluation"]:
         line = f"  {_describe(ev)}"
         if "accuracy" in ev:
@@ -202,18 +260,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_lstm_opt(args: argparse.Namespace) -> int:
+    """The held-out loss of an lstm-opt run's rule after each of ``--steps`` steps."""
+    from fastmeta.meta import lstm_runs
+
+    if args.shots is not None:
+        print("fastmeta eval: --shots applies to maml and cavia checkpoints only, not to an "
+              "lstm-opt one", file=sys.stderr)
+        return 2
+    rule, config = lstm_runs.load_trained(args.checkpoint)
+    problems = args.tasks if args.tasks is not None else config["eval_tasks"]
+    steps = args.steps or [config["horizon"], 2 * config["horizon"]]
+    try:
+        results = lstm_runs.evaluate(rule, config, problems=problems, steps=steps)
+    except ValueError as exc:
+        print(f"fastmeta eval: {exc} (--tasks, --steps)", file=sys.stderr)
+        return 2
+    print(f"learned rule ({config['problem']}, trained for {config['horizon']} steps) on "
+          f"{problems} held-out problems:")
+    for step, ev in results.items():
+        line = f"  after {step} step(s): loss "
+        line += ("n/a" if ev["mean"] is None else
+                 f"{ev['mean']:.4f} ± {ev['ci']:.4f} (95% CI)")
+        if ev["diverged"]:
+            line += f", {ev['diverged']} problem(s) diverged (excluded)"
+        print(line)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fastmeta.meta import runs
-    from fastmeta.meta.training import CheckpointError
+    from fastmeta.meta import lstm_runs, runs
+    from fastmeta.meta.training import CheckpointError, load_checkpoint
 
     try:
+        if lstm_runs.is_run_config(load_checkpoint(args.checkpoint).get("config")):
+            return _eval_lstm_opt(args)
         learner, config = runs.load_trained(args.checkpoint)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"fastmeta eval: {exc}", file=sys.stderr)
         return 2
-    for steps in args.steps:
+    for steps in args.steps or MAML_EVAL_STEPS:
         for shots in args.shots or [config["shots"]]:
-            ev = runs.evaluate(learner, config, tasks=args.tasks, steps=steps, shots=shots)
+            ev = runs.evaluate(learner, config, tasks=args.tasks or MAML_EVAL_TASKS,
+                               steps=steps, shots=shots)
             line = _describe(ev)
             if "accuracy" in ev:
                 line += f", accuracy {ev['accuracy']['mean']:.3f} ± {ev['accuracy']['ci']:.3f}"
@@ -232,47 +321,85 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--only", help="comma-separated suites to run (default: all)")
     bench.add_argument("--json", default="fastmeta-bench.json", help="where to write the rows")
     bench.add_argument("--plot", default="fastmeta-bench.png", help="where to write the chart")
-    train = sub.add_parser("train", help="meta-train an algorithm (checkpoints, --resume)")
-    train.add_argument("algorithm", choices=["maml", "cavia"], help="what to meta-train")
-    train.add_argument("--task", choices=["sinusoid", "digits", "omniglot"])
-    train.add_argument("--shots", type=int, help="K, support examples (per class)")
-    train.add_argument("--queries", type=int, help="query examples (per class)")
-    train.add_argument("--ways", type=int, help="N, classes per task (classification)")
-    train.add_argument("--inner-steps", type=int)
-    train.add_argument("--inner-lr", type=float)
+    train = sub.add_parser(
+        "train", help="meta-train an algorithm (checkpoints, --resume)",
+        description="Meta-train MAML or CAVIA on a few-shot task (--task), or the LSTM learned "
+        "optimizer (lstm-opt) on an optimizee family (--problem). Options marked 'maml/cavia' "
+        "or 'lstm-opt' apply to those only; the others apply to all.")
+    train.add_argument("algorithm", choices=["maml", "cavia", "lstm-opt"],
+                       help="what to meta-train")
+    train.add_argument("--task", choices=["sinusoid", "digits", "omniglot"],
+                       help="maml/cavia: the few-shot task")
+    train.add_argument("--problem", choices=["quadratic", "digits"],
+                       help="lstm-opt: the optimizee family (10-d quadratics, or 64-20-10 MLPs "
+                       "on the 8x8 digits)")
+    train.add_argument("--shots", type=int, help="maml/cavia: K, support examples (per class)")
+    train.add_argument("--queries", type=int, help="maml/cavia: query examples (per class)")
+    train.add_argument("--ways", type=int,
+                       help="maml/cavia: N, classes per task (classification)")
+    train.add_argument("--inner-steps", type=int, help="maml/cavia")
+    train.add_argument("--inner-lr", type=float, help="maml/cavia")
     train.add_argument("--first-order", action="store_true", default=None,
-                       help="first-order MAML (FOMAML) or first-order CAVIA")
+                       help="maml/cavia: first-order MAML (FOMAML) or first-order CAVIA")
     train.add_argument("--inner-optimizer",
-                       choices=["sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad"])
+                       choices=["sgd", "momentum", "adam", "adamw", "rmsprop", "adagrad"],
+                       help="maml/cavia")
     train.add_argument("--learn-inner-lr", choices=["none", "scalar", "per_param"],
-                       help="per_param is Meta-SGD")
-    train.add_argument("--meta-batch", type=int)
-    train.add_argument("--iterations", type=int)
-    train.add_argument("--outer-lr", type=float)
-    train.add_argument("--grad-clip", type=float, help="clamp meta-gradients to [-c, c]")
-    train.add_argument("--eval-every", type=int)
-    train.add_argument("--eval-tasks", type=int)
-    train.add_argument("--eval-steps", type=int, nargs="+")
+                       help="maml/cavia: per_param is Meta-SGD")
+    train.add_argument("--meta-batch", type=int,
+                       help="tasks per meta-iteration (lstm-opt: problems per meta-epoch)")
+    train.add_argument("--iterations", type=int, help="maml/cavia: meta-iterations")
+    train.add_argument("--epochs", type=int,
+                       help="lstm-opt: meta-epochs, each on fresh problems")
+    train.add_argument("--horizon", type=int,
+                       help="lstm-opt: optimizee steps per meta-epoch")
+    train.add_argument("--unroll", type=int,
+                       help="lstm-opt: optimizee steps per truncation of the backpropagation "
+                       "through them; divides --horizon")
+    train.add_argument("--second-order", action="store_true", default=None,
+                       help="lstm-opt: backpropagate through the optimizee gradients too (the "
+                       "paper drops these second derivatives)")
+    train.add_argument("--hidden", type=int,
+                       help="lstm-opt: units of each of the rule's two LSTM layers")
+    train.add_argument("--outer-lr", type=float, help="the learning rate of the outer Adam")
+    train.add_argument("--grad-clip", type=float,
+                       help="maml/cavia: clamp meta-gradients to [-c, c]")
+    train.add_argument("--eval-every", type=int,
+                       help="iterations (lstm-opt: epochs) between two evaluations")
+    train.add_argument("--eval-tasks", type=int,
+                       help="tasks of the final evaluation (lstm-opt: problems in the tuning, "
+                       "validation and held-out sets)")
+    train.add_argument("--eval-steps", type=int, nargs="+", help="maml/cavia: inner steps of "
+                       "the final evaluation (lstm-opt evaluates at --horizon and twice it)")
     train.add_argument("--eval-shots", type=int, nargs="+",
-                       help="support sizes of the final evaluation (default: --shots)")
-    train.add_argument("--filters", type=int, help="conv-4 filters")
+                       help="maml/cavia: support sizes of the final evaluation (default: "
+                       "--shots)")
+    train.add_argument("--filters", type=int, help="maml/cavia: conv-4 filters")
     train.add_argument("--num-context-params", type=int,
                        help="CAVIA: the size d of each task's context (5 for the sinusoid, 100 "
                        "for images)")
     train.add_argument("--context-mode", choices=["concat", "film"],
                        help="CAVIA: append the context to the input (sinusoid) or modulate the "
                        "conv layers with FiLM (images)")
-    train.add_argument("--omniglot-root", help="a local folder in the Omniglot layout")
-    train.add_argument("--impl", choices=["auto", "reference", "native", "triton"])
+    train.add_argument("--omniglot-root", help="maml/cavia: a local folder in the Omniglot layout")
+    train.add_argument("--impl", choices=["auto", "reference", "native", "triton"],
+                       help="the implementation of the fused ops (lstm-opt: of the rule)")
     train.add_argument("--seed", type=int)
-    train.add_argument("--out", help="the run folder (checkpoint, metrics.csv, plots)")
+    train.add_argument("--out", help="the run folder (checkpoint, metrics.csv, summary.json, "
+                       "plots)")
     train.add_argument("--resume", action="store_true",
                        help="continue from <out>/checkpoint.pt exactly where it stopped")
     evaluate = sub.add_parser("eval", help="evaluate a trained checkpoint on new tasks")
-    evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--tasks", type=int, default=1000)
-    evaluate.add_argument("--steps", type=int, nargs="+", default=[1, 10])
-    evaluate.add_argument("--shots", type=int, nargs="+")
+    evaluate.add_argument("checkpoint", help="a checkpoint.pt of `fastmeta train`")
+    evaluate.add_argument("--tasks", type=int,
+                          help=f"new tasks (default {MAML_EVAL_TASKS}); lstm-opt: held-out "
+                          "problems (default: the run's --eval-tasks)")
+    evaluate.add_argument("--steps", type=int, nargs="+",
+                          help="inner steps (default "
+                          f"{' '.join(map(str, MAML_EVAL_STEPS))}); lstm-opt: optimizee steps "
+                          "(default: the run's --horizon and twice it)")
+    evaluate.add_argument("--shots", type=int, nargs="+",
+                          help="support sizes (maml/cavia only; default: the run's --shots)")
     args = parser.parse_args(argv)
     handlers = {"info": cmd_info, "demo": cmd_demo, "bench": cmd_bench, "train": cmd_train,
                 "eval": cmd_eval}
