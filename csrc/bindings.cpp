@@ -44,6 +44,10 @@ struct KernelTable {
       rmsprop_backward;
   decltype(&generic::lstm_rule_forward_chunk) lstm_rule_forward;
   decltype(&generic::lstm_rule_backward_chunk) lstm_rule_backward;
+  decltype(&generic::sgd_hd_dot_chunk) sgd_hd_dot;
+  decltype(&generic::sgd_hd_chunk) sgd_hd;
+  decltype(&generic::adam_hd_dot_chunk) adam_hd_dot;
+  decltype(&generic::adam_hd_chunk) adam_hd;
 };
 
 #define FASTMETA_TABLE(ISA)                                                                     \
@@ -52,7 +56,8 @@ struct KernelTable {
         &ISA::stream_chunk, &ISA::sgd_forward_chunk, &ISA::adam_forward_chunk,                  \
         &ISA::adagrad_forward_chunk, &ISA::rmsprop_forward_chunk, &ISA::sgd_backward_chunk,     \
         &ISA::adam_backward_chunk, &ISA::adagrad_backward_chunk, &ISA::rmsprop_backward_chunk, \
-        &ISA::lstm_rule_forward_chunk, &ISA::lstm_rule_backward_chunk                           \
+        &ISA::lstm_rule_forward_chunk, &ISA::lstm_rule_backward_chunk, &ISA::sgd_hd_dot_chunk,  \
+        &ISA::sgd_hd_chunk, &ISA::adam_hd_dot_chunk, &ISA::adam_hd_chunk                        \
   }
 
 bool cpu_supports(const std::string& isa) {
@@ -259,6 +264,111 @@ void rmsprop_step(const Ptrs& params, const Ptrs& grads, const Ptrs& square_avgs
                                ptr_at(momentum_buffers, t), ptr_at(grad_avgs, t)};
     kernel(tensor, static_cast<DType>(dtypes[t]), begin, len, args);
   });
+}
+
+// ---- Hypergradient descent (csrc/hypergrad.cpp, fastmeta/ops/hypergrad.py) ---------------------
+// Phase 1 sums d·u_{t−1} per chunk (every tensor cut at kChunkElements, in order) and adds the
+// chunk sums in that order, so h does not depend on the thread count; phase 2 updates with the
+// new lr. Returns (h, new_lr) with h = −Σ d·u_{t−1} and new_lr = lr − β·h.
+struct Chunk {
+  int64_t tensor, begin, len;
+};
+
+std::vector<Chunk> fixed_chunks(const std::vector<int64_t>& numels) {
+  std::vector<Chunk> chunks;
+  for (size_t t = 0; t < numels.size(); ++t)
+    for (int64_t b = 0; b < numels[t]; b += kChunkElements)
+      chunks.push_back({static_cast<int64_t>(t), b, std::min(kChunkElements, numels[t] - b)});
+  return chunks;
+}
+
+template <typename Dot>
+double ordered_dot(const std::vector<int64_t>& numels, Dot dot) {
+  const std::vector<Chunk> chunks = fixed_chunks(numels);
+  std::vector<double> partial(chunks.size(), 0.0);
+  const int64_t count = static_cast<int64_t>(chunks.size());
+  int64_t total = 0;
+  for (const int64_t n : numels) total += n;
+  if (total < kMinParallelElements || max_threads() == 1) {
+    for (int64_t c = 0; c < count; ++c) partial[c] = dot(chunks[c]);
+  } else {
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < count; ++c) partial[c] = dot(chunks[c]);
+  }
+  double sum = 0.0;
+  for (const double x : partial) sum += x;
+  return sum;
+}
+
+void check_hd_lr(double lr) {
+  if (!std::isfinite(lr))
+    throw std::invalid_argument("lr is not finite: hypergradient descent diverged (lower "
+                                "hypergrad_lr)");
+}
+
+std::pair<double, double> sgd_hd_step(const Ptrs& params, const Ptrs& grads,
+                                      const Ptrs& momentum_buffers, const Ptrs& directions,
+                                      const std::vector<int64_t>& numels,
+                                      const std::vector<int32_t>& dtypes, double lr,
+                                      double hypergrad_lr, double weight_decay, double momentum,
+                                      double dampening, bool nesterov, bool maximize,
+                                      bool first_step) {
+  const size_t n = params.size();
+  for (auto [list, name] : {std::pair{&grads, "grads"}, {&directions, "directions"},
+                            {&numels, "numels"}})
+    check_list(*list, n, name, false);
+  check_list(momentum_buffers, n, "momentum_buffers", momentum == 0.0);
+  check_hd_lr(lr);
+  HdSgdArgs args{lr, weight_decay, momentum, dampening, nesterov, maximize, first_step};
+  const auto& k = kernels();
+  auto tensor = [&](int64_t t) {
+    return HdSgdTensor{ptr_at(params, t), ptr_at(grads, t), ptr_at(momentum_buffers, t),
+                       ptr_at(directions, t)};
+  };
+  py::gil_scoped_release no_gil;
+  const double dot = ordered_dot(numels, [&](const Chunk& c) {
+    return k.sgd_hd_dot(tensor(c.tensor), static_cast<DType>(dtypes[c.tensor]), c.begin, c.len,
+                        args);
+  });
+  args.lr = lr + hypergrad_lr * dot;
+  for_each_chunk(numels, [&](int64_t t, int64_t begin, int64_t len) {
+    k.sgd_hd(tensor(t), static_cast<DType>(dtypes[t]), begin, len, args);
+  });
+  return {-dot, args.lr};
+}
+
+std::pair<double, double> adam_hd_step(const Ptrs& params, const Ptrs& grads,
+                                       const Ptrs& exp_avgs, const Ptrs& exp_avg_sqs,
+                                       const Ptrs& directions, const Ptrs& steps, int step_dtype,
+                                       const std::vector<int64_t>& numels,
+                                       const std::vector<int32_t>& dtypes, double lr,
+                                       double hypergrad_lr, double beta1, double beta2,
+                                       double eps, double weight_decay, bool maximize) {
+  const size_t n = params.size();
+  for (auto [list, name] : {std::pair{&grads, "grads"}, {&exp_avgs, "exp_avgs"},
+                            {&exp_avg_sqs, "exp_avg_sqs"}, {&directions, "directions"},
+                            {&steps, "steps"}, {&numels, "numels"}})
+    check_list(*list, n, name, false);
+  check_hd_lr(lr);
+  HdAdamArgs args{lr, beta1, beta2, eps, weight_decay, maximize};
+  const auto& k = kernels();
+  py::gil_scoped_release no_gil;
+  const std::vector<double> step_values = increment_steps(steps, step_dtype);
+  std::vector<HdAdamTensor> tensors(n);
+  for (size_t i = 0; i < n; ++i)
+    tensors[i] = HdAdamTensor{ptr_at(params, i), ptr_at(grads, i), ptr_at(exp_avgs, i),
+                              ptr_at(exp_avg_sqs, i), ptr_at(directions, i),
+                              1.0 - std::pow(beta1, step_values[i]),
+                              std::sqrt(1.0 - std::pow(beta2, step_values[i]))};
+  const double dot = ordered_dot(numels, [&](const Chunk& c) {
+    return k.adam_hd_dot(tensors[c.tensor], static_cast<DType>(dtypes[c.tensor]), c.begin,
+                         c.len, args);
+  });
+  args.lr = lr + hypergrad_lr * dot;
+  for_each_chunk(numels, [&](int64_t t, int64_t begin, int64_t len) {
+    k.adam_hd(tensors[t], static_cast<DType>(dtypes[t]), begin, len, args);
+  });
+  return {-dot, args.lr};
 }
 
 // ---- Out-of-place, task-batched, differentiable steps -----------------------------------------
@@ -527,9 +637,10 @@ void lstm_rule_backward(int64_t grad, const Ptrs& state, const Ptrs& weights,
 // caller then takes the Python path, which handles every case and raises torch's errors.
 class PreparedGroup {
  public:
-  PreparedGroup(py::list params, Ptrs param_ptrs, std::vector<Ptrs> states, Ptrs steps,
-                int step_dtype, std::vector<int64_t> numels, std::vector<int32_t> dtypes)
-      : params_(std::move(params)), param_ptrs_(std::move(param_ptrs)),
+  PreparedGroup(std::string op, py::list params, Ptrs param_ptrs, std::vector<Ptrs> states,
+                Ptrs steps, int step_dtype, std::vector<int64_t> numels,
+                std::vector<int32_t> dtypes)
+      : op_(std::move(op)), params_(std::move(params)), param_ptrs_(std::move(param_ptrs)),
         states_(std::move(states)), steps_(std::move(steps)), step_dtype_(step_dtype),
         numels_(std::move(numels)), dtypes_(std::move(dtypes)) {
     const size_t n = params_.size();
@@ -544,7 +655,7 @@ class PreparedGroup {
 
   bool sgd(py::handle params, double lr, double weight_decay, double momentum,
            double dampening, bool nesterov, bool maximize) {
-    if (states_.size() != 1 || !gather(params)) return false;
+    if (op_ != "sgd_step_" || states_.size() != 1 || !gather(params)) return false;
     sgd_step(param_ptrs_, grads_, states_[0], numels_, dtypes_, lr, weight_decay, momentum,
              dampening, nesterov, maximize, false);
     return true;
@@ -552,7 +663,7 @@ class PreparedGroup {
 
   bool adam(py::handle params, double lr, double beta1, double beta2, double eps,
             double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay) {
-    if (states_.size() != 3 || !gather(params)) return false;
+    if (op_ != "adam_step_" || states_.size() != 3 || !gather(params)) return false;
     adam_step(param_ptrs_, grads_, states_[0], states_[1], states_[2], steps_, step_dtype_,
               numels_, dtypes_, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
               decoupled_weight_decay);
@@ -561,7 +672,7 @@ class PreparedGroup {
 
   bool adagrad(py::handle params, double lr, double lr_decay, double weight_decay, double eps,
                bool maximize) {
-    if (states_.size() != 1 || !gather(params)) return false;
+    if (op_ != "adagrad_step_" || states_.size() != 1 || !gather(params)) return false;
     adagrad_step(param_ptrs_, grads_, states_[0], steps_, step_dtype_, numels_, dtypes_, lr,
                  lr_decay, weight_decay, eps, maximize);
     return true;
@@ -569,10 +680,29 @@ class PreparedGroup {
 
   bool rmsprop(py::handle params, double lr, double alpha, double eps, double weight_decay,
                double momentum, bool centered, bool maximize) {
-    if (states_.size() != 3 || !gather(params)) return false;
+    if (op_ != "rmsprop_step_" || states_.size() != 3 || !gather(params)) return false;
     rmsprop_step(param_ptrs_, grads_, states_[0], states_[1], states_[2], steps_, step_dtype_,
                  numels_, dtypes_, lr, alpha, eps, weight_decay, momentum, centered, maximize);
     return true;
+  }
+
+  py::object sgd_hd(py::handle params, double lr, double hypergrad_lr, double weight_decay,
+                    double momentum, double dampening, bool nesterov, bool maximize) {
+    if (op_ != "sgd_hd_step_" || states_.size() != 2 || !gather(params)) return py::none();
+    const auto [h, new_lr] =
+        sgd_hd_step(param_ptrs_, grads_, states_[0], states_[1], numels_, dtypes_, lr,
+                    hypergrad_lr, weight_decay, momentum, dampening, nesterov, maximize, false);
+    return py::make_tuple(h, new_lr);
+  }
+
+  py::object adam_hd(py::handle params, double lr, double hypergrad_lr, double beta1,
+                     double beta2, double eps, double weight_decay, bool maximize) {
+    if (op_ != "adam_hd_step_" || states_.size() != 3 || !gather(params)) return py::none();
+    const auto [h, new_lr] =
+        adam_hd_step(param_ptrs_, grads_, states_[0], states_[1], states_[2], steps_,
+                     step_dtype_, numels_, dtypes_, lr, hypergrad_lr, beta1, beta2, eps,
+                     weight_decay, maximize);
+    return py::make_tuple(h, new_lr);
   }
 
  private:
@@ -615,6 +745,7 @@ class PreparedGroup {
     return value;
   }
 
+  std::string op_;  // the op this group was prepared for (PreparedStep.op)
   py::list params_;
   Ptrs param_ptrs_;
   std::vector<Ptrs> states_;
@@ -691,14 +822,30 @@ PYBIND11_MODULE(_C, m) {
   FASTMETA_BIND_BATCHED(rmsprop, kRmspropHypers)
   py::class_<PreparedGroup>(m, "PreparedGroup",
                             "A param group prepared for the optimizers' per-step fast path.")
-      .def(py::init<py::list, Ptrs, std::vector<Ptrs>, Ptrs, int, std::vector<int64_t>,
-                    std::vector<int32_t>>(),
-           py::arg("params"), py::arg("param_ptrs"), py::arg("states"), py::arg("steps"),
-           py::arg("step_dtype"), py::arg("numels"), py::arg("dtypes"))
+      .def(py::init<std::string, py::list, Ptrs, std::vector<Ptrs>, Ptrs, int,
+                    std::vector<int64_t>, std::vector<int32_t>>(),
+           py::arg("op"), py::arg("params"), py::arg("param_ptrs"), py::arg("states"),
+           py::arg("steps"), py::arg("step_dtype"), py::arg("numels"), py::arg("dtypes"))
       .def("sgd", &PreparedGroup::sgd)
       .def("adam", &PreparedGroup::adam)
       .def("adagrad", &PreparedGroup::adagrad)
-      .def("rmsprop", &PreparedGroup::rmsprop);
+      .def("rmsprop", &PreparedGroup::rmsprop)
+      .def("sgd_hd", &PreparedGroup::sgd_hd)
+      .def("adam_hd", &PreparedGroup::adam_hd);
+  m.def("sgd_hd_step", &sgd_hd_step, py::arg("params"), py::arg("grads"),
+        py::arg("momentum_buffers"), py::arg("directions"), py::arg("numels"), py::arg("dtypes"),
+        py::kw_only(), py::arg("lr"), py::arg("hypergrad_lr"), py::arg("weight_decay"),
+        py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"), py::arg("maximize"),
+        py::arg("first_step"),
+        "SGD-HD over a param group: the hypergradient reduction, then the update; returns "
+        "(h, new_lr).");
+  m.def("adam_hd_step", &adam_hd_step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
+        py::arg("exp_avg_sqs"), py::arg("directions"), py::arg("steps"), py::arg("step_dtype"),
+        py::arg("numels"), py::arg("dtypes"), py::kw_only(), py::arg("lr"),
+        py::arg("hypergrad_lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("maximize"),
+        "Adam-HD over a param group: the hypergradient reduction, then the update; returns "
+        "(h, new_lr).");
   m.def("lstm_rule_forward", &lstm_rule_forward, py::arg("grad"), py::arg("state"),
         py::arg("weights"), py::arg("update"), py::arg("state_out"), py::arg("skipped"),
         py::arg("n"), py::arg("hidden"), py::arg("dtype"), py::arg("p"), py::arg("output_scale"),

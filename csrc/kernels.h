@@ -61,6 +61,33 @@ struct RmspropTensor {
   void* grad_avg;         // nullptr unless centered
 };
 
+// ---- Hypergradient descent: SGD-HD and Adam-HD (csrc/hypergrad.cpp) ------------------------
+// Two phases per call: *_hd_dot_chunk returns a chunk's Σ d·u_{t−1} in double, then *_hd_chunk
+// updates with the new lr (args.lr) and stores the step's lr-free direction u_t.
+struct HdSgdArgs {
+  double lr, weight_decay, momentum, dampening;
+  bool nesterov, maximize, first_step;
+};
+struct HdSgdTensor {
+  void* param;
+  const void* grad;
+  void* momentum_buffer;  // nullptr when momentum == 0
+  void* direction;        // u_{t−1} in, u_t out
+};
+struct HdAdamArgs {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool maximize;
+};
+struct HdAdamTensor {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* direction;               // u_{t−1} in, u_t = m̂/(√v̂ + ε) out
+  double bias_correction1;       // 1 − β1^t
+  double bias_correction2_sqrt;  // √(1 − β2^t)
+};
+
 // ---- Out-of-place, task-batched, differentiable steps (fastmeta/ops/tensor_lists.py) --------
 // Tensors are [T, N] row-major (T = 1 for [N]). A chunk covers columns [begin, begin + n) of
 // every task row, so a per-element lr shared by the tasks ([N]) gets its gradient summed over
@@ -165,6 +192,14 @@ struct LstmRuleGrad {
   FASTMETA_DECLARE_BATCHED(ISA, adam)                                                          \
   FASTMETA_DECLARE_BATCHED(ISA, adagrad)                                                       \
   FASTMETA_DECLARE_BATCHED(ISA, rmsprop)                                                       \
+  double sgd_hd_dot_chunk(const HdSgdTensor& t, DType dtype, int64_t begin, int64_t n,          \
+                          const HdSgdArgs& a);                                                 \
+  void sgd_hd_chunk(const HdSgdTensor& t, DType dtype, int64_t begin, int64_t n,               \
+                    const HdSgdArgs& a);                                                       \
+  double adam_hd_dot_chunk(const HdAdamTensor& t, DType dtype, int64_t begin, int64_t n,        \
+                           const HdAdamArgs& a);                                               \
+  void adam_hd_chunk(const HdAdamTensor& t, DType dtype, int64_t begin, int64_t n,             \
+                     const HdAdamArgs& a);                                                     \
   bool lstm_rule_forward_chunk(const LstmRule& a, DType dtype, int64_t begin, int64_t n);      \
   bool lstm_rule_backward_chunk(const LstmRule& a, const LstmRuleGrad& g, DType dtype,         \
                                 int64_t begin, int64_t n);                                     \

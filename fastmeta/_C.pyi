@@ -83,6 +83,7 @@ class PreparedGroup:
 
     def __init__(
         self,
+        op: str,
         params: list,
         param_ptrs: list[int],
         states: list[list[int]],
@@ -100,6 +101,48 @@ class PreparedGroup:
                 eps: float, maximize: bool) -> bool: ...
     def rmsprop(self, params: list, lr: float, alpha: float, eps: float, weight_decay: float,
                 momentum: float, centered: bool, maximize: bool) -> bool: ...
+    def sgd_hd(self, params: list, lr: float, hypergrad_lr: float, weight_decay: float,
+               momentum: float, dampening: float, nesterov: bool,
+               maximize: bool) -> tuple[float, float] | None: ...
+    def adam_hd(self, params: list, lr: float, hypergrad_lr: float, beta1: float, beta2: float,
+                eps: float, weight_decay: float, maximize: bool) -> tuple[float, float] | None: ...
+
+def sgd_hd_step(
+    params: list[int],
+    grads: list[int],
+    momentum_buffers: list[int],
+    directions: list[int],
+    numels: list[int],
+    dtypes: list[int],
+    *,
+    lr: float,
+    hypergrad_lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+) -> tuple[float, float]: ...
+def adam_hd_step(
+    params: list[int],
+    grads: list[int],
+    exp_avgs: list[int],
+    exp_avg_sqs: list[int],
+    directions: list[int],
+    steps: list[int],
+    step_dtype: int,
+    numels: list[int],
+    dtypes: list[int],
+    *,
+    lr: float,
+    hypergrad_lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> tuple[float, float]: ...
 
 def stream(arrays: list[int], num_writes: int, n: int) -> None: ...
 

@@ -91,7 +91,7 @@ class PreparedStep:
             return None
         steps, step_dtype = self._step_args if self._step_args else ([], 0)
         return backends.native().PreparedGroup(
-            list(params), self._param_pointers, self._state_pointers, steps, step_dtype,
+            self.op, list(params), self._param_pointers, self._state_pointers, steps, step_dtype,
             self._numels, self._dtypes,
         )
 
@@ -108,8 +108,9 @@ class PreparedStep:
         validated: bool = False,
         grads_from_params: bool = False,
         **hyper,
-    ) -> None:
-        """Runs the op on ``grads`` (one per param).
+    ):
+        """Runs the op on ``grads`` (one per param); returns what the op returns (None for
+        the plain optimizers, ``(h, new_lr)`` for the hypergradient ones).
 
         Args:
             grads: the gradients, one per param.
@@ -124,8 +125,7 @@ class PreparedStep:
             args = [self.params, grads, *self.states]
             if self.state_steps is not None:
                 args.append(self.state_steps)
-            self.step_fn(*args, impl=self.impl, **hyper)
-            return
+            return self.step_fn(*args, impl=self.impl, **hyper)
         if not validated and not self.still_valid():
             raise RuntimeError(f"{self.op}: a param or state tensor moved since this step was "
                                "prepared (e.g. `p.data = ...`); prepare it again")
@@ -134,7 +134,7 @@ class PreparedStep:
         for name, value in hyper.items():
             if isinstance(value, torch.Tensor):
                 hyper[name] = tl.check_scalar(self.op, name, value)
-        self._native(
+        return self._native(
             self._param_pointers, grad_pointers, *self._state_pointers,
             *self._step_args, self._numels, self._dtypes, **hyper,
         )

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from fastmeta.optim.adagrad import Adagrad
 from fastmeta.optim.adam import Adam, AdamW
+from fastmeta.optim.hypergrad import SGDHD, AdamHD
 from fastmeta.optim.learned import Learned
 from fastmeta.optim.rmsprop import RMSprop
 from fastmeta.optim.sgd import SGD
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Learned", "RMSprop"]
+__all__ = ["SGD", "SGDHD", "Adagrad", "Adam", "AdamHD", "AdamW", "Learned", "RMSprop"]

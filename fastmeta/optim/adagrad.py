@@ -68,7 +68,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         loss = run_closure(closure)
         for index, group in enumerate(self.param_groups):
             if self._fast_step(index, group, (), "adagrad", group["lr"], group["lr_decay"],
-                               group["weight_decay"], group["eps"], group["maximize"]):
+                               group["weight_decay"], group["eps"], group["maximize"]) is not None:
                 continue
             with torch.no_grad():
                 self._step_group(index, group)

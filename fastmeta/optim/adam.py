@@ -30,7 +30,7 @@ def _adam_step(optimizer, closure, *, name: str, decoupled: bool):
             index, group, (group["amsgrad"],), "adam", group["lr"], beta1, beta2, group["eps"],
             group["weight_decay"], group["amsgrad"], group["maximize"],
             group.get("decoupled_weight_decay", decoupled),
-        ):
+        ) is not None:
             continue
         with torch.no_grad():
             _adam_step_group(optimizer, index, group, name=name, decoupled=decoupled)

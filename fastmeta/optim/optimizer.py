@@ -188,28 +188,30 @@ class FusedOptimizer:
             plans_by_group.pop(group_index, None)
         return plans
 
-    def _fast_step(self, group_index: int, group: dict, layout: tuple, kernel: str,
-                   *hyper) -> bool:
+    def _fast_step(self, group_index: int, group: dict, layout: tuple, kernel: str, *hyper):
         """One native call for the whole group when its prepared plan still holds (see
         ``PreparedGroup`` in csrc/bindings.cpp): the group's params unchanged and unmoved, each
-        with a dense, contiguous ``.grad``. False, having done nothing, otherwise; the caller
-        then takes the general path, which re-prepares or raises as needed. ``hyper`` are the
-        kernel's arguments after the params, in order; ``lr`` (first) may be a tensor."""
+        with a dense, contiguous ``.grad``. Returns what the kernel returns (True, or the
+        hypergradient optimizers' ``(h, new_lr)``); None, having done nothing, otherwise: the
+        caller then takes the general path, which re-prepares or raises as needed. ``hyper``
+        are the kernel's arguments after the params, in order; ``lr`` (first) may be a
+        tensor."""
         fast_by_group = self.__dict__.get("_fastmeta_fast")
         entry = fast_by_group.get(group_index) if fast_by_group else None
         if entry is None or entry[0] != layout:
-            return False
+            return None
         layout, native_group, op = entry
         lr = hyper[0]
         if isinstance(lr, torch.Tensor):
             hyper = (check_scalar(op, "lr", lr), *hyper[1:])
         try:
-            done = getattr(native_group, kernel)(group["params"], *hyper)
+            result = getattr(native_group, kernel)(group["params"], *hyper)
         except TypeError:  # an unusual hyperparameter (a tensor beta, ...): the general path
-            return False
-        if done:
-            backends.note(op, Impl.NATIVE)
-        return done
+            return None
+        if result is None or result is False:
+            return None
+        backends.note(op, Impl.NATIVE)
+        return result
 
     def _drop_plans(self) -> None:
         self.__dict__.pop("_fastmeta_plans", None)

@@ -72,7 +72,7 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
             momentum, centered = group["momentum"], group["centered"]
             if self._fast_step(index, group, (momentum > 0, centered), "rmsprop", group["lr"],
                                group["alpha"], group["eps"], group["weight_decay"], momentum,
-                               centered, group["maximize"]):
+                               centered, group["maximize"]) is not None:
                 continue
             with torch.no_grad():
                 self._step_group(index, group)

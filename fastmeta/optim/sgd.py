@@ -69,7 +69,7 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             momentum = group["momentum"]
             if self._fast_step(index, group, (momentum != 0,), "sgd", group["lr"],
                                group["weight_decay"], momentum, group["dampening"],
-                               group["nesterov"], group["maximize"]):
+                               group["nesterov"], group["maximize"]) is not None:
                 continue
             with torch.no_grad():
                 self._step_group(index, group)
