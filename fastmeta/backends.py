@@ -184,6 +184,12 @@ def resolve(impl: Impl | str, device: torch.device, *, op: str, record: bool = T
     return chosen
 
 
+def is_auto(impl: Impl | str) -> bool:
+    """True when ``impl`` leaves the choice to fastmeta: ``auto``, with no ``FASTMETA_IMPL``
+    override."""
+    return _parse(impl) is Impl.AUTO and not os.environ.get(IMPL_ENV_VAR, "").strip()
+
+
 def note(op: str, impl: Impl) -> None:
     """Records that ``op`` ran on ``impl``, for :func:`trace`; ops that resolved their
     implementation earlier (see :mod:`fastmeta.ops.prepared`) call it on every run."""

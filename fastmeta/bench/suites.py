@@ -82,6 +82,14 @@ def _cavia_rows(*, quick: bool, progress: Callable[[str], None]) -> Iterator[har
     yield from maml.cavia_rows(min_run_time=QUICK_MIN_RUN_TIME if quick else FULL_MIN_RUN_TIME)
 
 
+def _hd_rows(*, quick: bool, progress: Callable[[str], None]) -> Iterator[harness.Row]:
+    from fastmeta.bench import hypergrad
+
+    yield from hypergrad.rows(workloads=QUICK_WORKLOADS,
+                              min_run_time=QUICK_MIN_RUN_TIME if quick else FULL_MIN_RUN_TIME,
+                              progress=progress)
+
+
 SUITES: dict[str, Suite] = {
     s.name: s for s in [*(_optimizer_suite(n) for n in ("Adam", "SGD", "Adagrad", "RMSprop")),
                         Suite("inner", "differentiable task-batched updates against eager "
@@ -93,7 +101,10 @@ SUITES: dict[str, Suite] = {
                               "eager loop", "higher"], _maml_rows),
                         Suite("cavia", "one CAVIA meta-step (second order, no outer step) "
                               "against torch.func and the same batched maths in eager torch",
-                              ["torch.func vmap", "batched eager"], _cavia_rows)]
+                              ["torch.func vmap", "batched eager"], _cavia_rows),
+                        Suite("hd", "one SGD-HD step (hypergradient descent) against the "
+                              "passes it needs around torch.optim.SGD(fused=True)",
+                              ["torch fused + passes"], _hd_rows)]
 }
 
 
