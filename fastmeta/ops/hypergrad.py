@@ -71,16 +71,24 @@ def hypergradient_dot(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     return float(total)
 
 
+def _param_and_gradient(p: torch.Tensor, g: torch.Tensor, *, weight_decay: float,
+                        maximize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """θ and d = ±g + λθ in the compute dtype (fp32 for low-precision params)."""
+    cdtype = tl.compute_dtype(p.dtype)
+    pc = p.to(cdtype)
+    d = g.to(cdtype)
+    if maximize:
+        d = -d
+    if weight_decay != 0.0:
+        d = d + weight_decay * pc
+    return pc, d
+
+
 def _sgd_hd_reference_(params, grads, momentum_buffers, directions, *, lr, weight_decay,
                        momentum, dampening, nesterov, maximize, first_step) -> None:
     for i, (p, g, u) in enumerate(zip(params, grads, directions)):
-        cdtype = tl.compute_dtype(p.dtype)
-        pc = p.to(cdtype)
-        d = g.to(cdtype)
-        if maximize:
-            d = -d
-        if weight_decay != 0.0:
-            d = d + weight_decay * pc
+        pc, d = _param_and_gradient(p, g, weight_decay=weight_decay, maximize=maximize)
+        cdtype = pc.dtype
         step = d
         if momentum_buffers:
             b = d if first_step else (
@@ -96,13 +104,8 @@ def _adam_hd_reference_(params, grads, exp_avgs, exp_avg_sqs, directions, steps,
     for p, g, m, v, u, step in zip(params, grads, exp_avgs, exp_avg_sqs, directions, steps):
         step += 1
         t = float(step.item())
-        cdtype = tl.compute_dtype(p.dtype)
-        pc = p.to(cdtype)
-        d = g.to(cdtype)
-        if maximize:
-            d = -d
-        if weight_decay != 0.0:
-            d = d + weight_decay * pc
+        pc, d = _param_and_gradient(p, g, weight_decay=weight_decay, maximize=maximize)
+        cdtype = pc.dtype
         mc = m.to(cdtype)
         mc = mc + (1.0 - beta1) * (d - mc)
         vc = beta2 * v.to(cdtype) + (1.0 - beta2) * d * d

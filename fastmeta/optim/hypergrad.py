@@ -24,6 +24,7 @@ import torch
 from fastmeta.backends import Impl
 from fastmeta.ops.hypergrad import adam_hd_step_, sgd_hd_step_
 from fastmeta.ops.prepared import PreparedStep
+from fastmeta.ops.sgd import check_sgd_hyperparameters
 from fastmeta.optim.optimizer import (
     FusedOptimizer,
     as_real,
@@ -97,14 +98,9 @@ class SGDHD(FusedOptimizer, torch.optim.Optimizer):
         check_fused_flags(type(self).__name__, differentiable=differentiable)
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        check_sgd_hyperparameters("SGDHD", lr=float(lr), momentum=momentum,
+                                  dampening=dampening, weight_decay=weight_decay,
+                                  nesterov=nesterov)
         _check_hypergrad_lr(hypergrad_lr)
         defaults = dict(lr=lr, hypergrad_lr=hypergrad_lr, momentum=momentum,
                         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
