@@ -1,10 +1,12 @@
-"""The ``fastmeta`` command: ``info``, ``demo``, ``bench``, ``train maml|cavia|lstm-opt`` and
-``eval``.
+"""The ``fastmeta`` command: ``info``, ``demo``, ``bench``, ``train maml|cavia|lstm-opt``,
+``eval`` and ``hpo``.
 
 ``train maml|cavia`` meta-trains a few-shot learner (``--task``); ``train lstm-opt`` meta-trains
 the learned LSTM optimizer of Andrychowicz et al. 2016 (``--problem``) and compares it with tuned
 SGD, momentum, RMSprop and Adam. Every run checkpoints as it goes and continues exactly with
-``--resume``; ``eval`` evaluates any of their checkpoints.
+``--resume``; ``eval`` evaluates any of their checkpoints. ``hpo`` tunes SGD's per-layer lr,
+momentum and weight decay by hypergradients through unrolled training, or by Optuna's TPE,
+CMA-ES or random search, on a wall-clock budget.
 """
 
 from __future__ import annotations
@@ -310,6 +312,67 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
+# `fastmeta hpo` options (argparse dests) that only the hypergrad method takes.
+HYPERGRAD_ONLY = ("unroll", "hyper_lr")
+
+
+def cmd_hpo(args: argparse.Namespace) -> int:
+    """Runs one search, adds it to <out>/summary.json, prints the table of every search in
+    <out>, and plots them all."""
+    from pathlib import Path
+
+    from fastmeta import hpo
+
+    if args.method != "hypergrad":
+        foreign = [_flag(k) for k in HYPERGRAD_ONLY if getattr(args, k) is not None]
+        if foreign:
+            print(f"fastmeta hpo: {', '.join(foreign)} applies to the hypergrad method only, "
+                  f"not to {args.method}", file=sys.stderr)
+            return 2
+    options = {k: getattr(args, k) for k in HYPERGRAD_ONLY if getattr(args, k) is not None}
+    out = Path(args.out or f"hpo-{args.task}")
+    progress = _Progress()
+    try:
+        task = hpo.TASKS[args.task](seed=args.seed)
+        print(f"fastmeta hpo: {args.method} on {args.task} (seed {args.seed}), budget "
+              f"{args.budget:g} s" + (f" or {args.runs} training runs" if args.runs else "")
+              + f", {_threads()}; one training run = {task.steps} "
+              f"steps of {task.batch_size}")
+        result = hpo.search(task, args.method, budget_seconds=args.budget,
+                            max_runs=args.runs, seed=args.seed, impl=args.impl,
+                            progress=progress, **options)
+        summary = hpo.update_summary(out, result)
+    except (ValueError, ImportError) as exc:
+        progress.done()
+        print(f"fastmeta hpo: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        progress.done()
+        print("\nfastmeta hpo: interrupted; nothing written", file=sys.stderr)
+        return 130
+    progress.done()
+    best = result.best_hyperparameters
+    print(f"{args.method}: {result.training_runs} training runs in {result.wall_seconds:.1f} s"
+          + (f", {result.nonfinite} non-finite" if result.nonfinite else ""))
+    if best is not None:
+        print(f"  best: lr {[float(f'{v:.4g}') for v in best['lr']]}, momentum "
+              f"{best['momentum']:.4g}, weight decay {best['weight_decay']:.3g}")
+    print(f"\nall searches in {out}:")
+    print(hpo.format_summary(summary))
+    plot = out / hpo.PLOT_FILE
+    if hpo.plot_histories(summary, plot):
+        print(f"\nwrote {out / hpo.SUMMARY_FILE} and {plot}")
+    else:
+        print(f"\nwrote {out / hpo.SUMMARY_FILE}; no plot: matplotlib is not installed "
+              "(pip install matplotlib)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastmeta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -400,9 +463,32 @@ def main(argv: list[str] | None = None) -> int:
                           "(default: the run's --horizon and twice it)")
     evaluate.add_argument("--shots", type=int, nargs="+",
                           help="support sizes (maml/cavia only; default: the run's --shots)")
+    tune = sub.add_parser(
+        "hpo", help="tune SGD's lr, momentum and weight decay (hypergradients or Optuna)",
+        description="Tune SGD's per-layer learning rates, momentum and weight decay on a task, "
+        "within a wall-clock budget: by hypergradient descent through unrolled training "
+        "(hypergrad), or with Optuna's TPE, CMA-ES or random search (pip install "
+        "\"fastmeta[hpo]\"). Each run adds its result to <out>/summary.json, so several "
+        "methods and seeds run into one --out are tabulated and plotted together.")
+    tune.add_argument("--task", choices=["digits-mlp"], default="digits-mlp",
+                      help="what to tune SGD on (default: %(default)s)")
+    tune.add_argument("--method", choices=["hypergrad", "tpe", "cmaes", "random"],
+                      required=True)
+    tune.add_argument("--budget", type=float, required=True, metavar="SECONDS",
+                      help="wall-clock seconds; the training run in progress then finishes")
+    tune.add_argument("--runs", type=int, help="also stop after this many training runs")
+    tune.add_argument("--seed", type=int, default=0,
+                      help="data split, initialisation, minibatch order and sampler seed")
+    tune.add_argument("--out", help="results folder (default: hpo-<task>)")
+    tune.add_argument("--unroll", type=int,
+                      help="hypergrad: training steps per hyper-step, K (default 20)")
+    tune.add_argument("--hyper-lr", type=float,
+                      help="hypergrad: Adam's lr on the reparametrized hyperparameters")
+    tune.add_argument("--impl", choices=["auto", "reference", "native", "triton"],
+                      default="auto", help="the implementation of the fused steps")
     args = parser.parse_args(argv)
     handlers = {"info": cmd_info, "demo": cmd_demo, "bench": cmd_bench, "train": cmd_train,
-                "eval": cmd_eval}
+                "eval": cmd_eval, "hpo": cmd_hpo}
     return handlers[args.command](args)
 
 
