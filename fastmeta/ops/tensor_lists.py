@@ -329,6 +329,23 @@ def hyper_table(cfg: StepConfig, names: Sequence[str], tensors: Sequence[torch.T
     """A float64 ``[H, T]`` table of per-task hyperparameter values for the kernels. A
     per-element ``lr`` goes to the kernels as its own array; its row holds zeros."""
     values = [cfg.hyper(name, tensors) for name in names]
+    if device.type == "cpu" and any(isinstance(v, torch.Tensor) for v in values):
+        # On the CPU a () tensor is read as its number (no sync to pay) and a per-element lr
+        # row is zeros, so learned scalar hyperparameters (HPO's momentum and weight decay,
+        # a Meta-SGD lr) share the cached tables below: building the table from tensors cost
+        # ~40-110 µs per step here.
+        numbers = []
+        for name, value in zip(names, values):
+            if not isinstance(value, torch.Tensor):
+                numbers.append(value)
+            elif value.dim() == 0:
+                numbers.append(value.detach().item())
+            elif name == "lr" and lr_mode(value, tasks, numel) == "element":
+                numbers.append(0.0)
+            else:
+                break  # a per-task [T] row: built below
+        else:
+            values = numbers
     if not any(isinstance(v, torch.Tensor) for v in values):  # the common case: all numbers
         # The kernels only read the table, so one per (values, T, device) is kept: building it
         # (~50 µs) cost more than a whole step on a [25, 5] buffer (CAVIA's context).
