@@ -44,9 +44,7 @@ struct KernelTable {
       rmsprop_backward;
   decltype(&generic::lstm_rule_forward_chunk) lstm_rule_forward;
   decltype(&generic::lstm_rule_backward_chunk) lstm_rule_backward;
-  decltype(&generic::sgd_hd_dot_chunk) sgd_hd_dot;
-  decltype(&generic::sgd_hd_chunk) sgd_hd;
-  decltype(&generic::adam_hd_dot_chunk) adam_hd_dot;
+  decltype(&generic::hd_dot_chunk) hd_dot;
   decltype(&generic::adam_hd_chunk) adam_hd;
 };
 
@@ -56,8 +54,8 @@ struct KernelTable {
         &ISA::stream_chunk, &ISA::sgd_forward_chunk, &ISA::adam_forward_chunk,                  \
         &ISA::adagrad_forward_chunk, &ISA::rmsprop_forward_chunk, &ISA::sgd_backward_chunk,     \
         &ISA::adam_backward_chunk, &ISA::adagrad_backward_chunk, &ISA::rmsprop_backward_chunk, \
-        &ISA::lstm_rule_forward_chunk, &ISA::lstm_rule_backward_chunk, &ISA::sgd_hd_dot_chunk,  \
-        &ISA::sgd_hd_chunk, &ISA::adam_hd_dot_chunk, &ISA::adam_hd_chunk                        \
+        &ISA::lstm_rule_forward_chunk, &ISA::lstm_rule_backward_chunk, &ISA::hd_dot_chunk,      \
+        &ISA::adam_hd_chunk                                                                     \
   }
 
 bool cpu_supports(const std::string& isa) {
@@ -188,7 +186,8 @@ void sgd_step(const Ptrs& params, const Ptrs& grads, const Ptrs& momentum_buffer
   const auto kernel = kernels().sgd;
   py::gil_scoped_release no_gil;
   for_each_chunk(numels, [&](int64_t t, int64_t begin, int64_t len) {
-    const SgdTensor tensor{ptr_at(params, t), ptr_at(grads, t), ptr_at(momentum_buffers, t)};
+    const SgdTensor tensor{ptr_at(params, t), ptr_at(grads, t), ptr_at(momentum_buffers, t),
+                           nullptr};
     kernel(tensor, static_cast<DType>(dtypes[t]), begin, len, args);
   });
 }
@@ -319,20 +318,19 @@ std::pair<double, double> sgd_hd_step(const Ptrs& params, const Ptrs& grads,
     check_list(*list, n, name, false);
   check_list(momentum_buffers, n, "momentum_buffers", momentum == 0.0);
   check_hd_lr(lr);
-  HdSgdArgs args{lr, weight_decay, momentum, dampening, nesterov, maximize, first_step};
+  SgdArgs args{lr, weight_decay, momentum, dampening, nesterov, maximize, first_step};
   const auto& k = kernels();
-  auto tensor = [&](int64_t t) {
-    return HdSgdTensor{ptr_at(params, t), ptr_at(grads, t), ptr_at(momentum_buffers, t),
-                       ptr_at(directions, t)};
-  };
   py::gil_scoped_release no_gil;
   const double dot = ordered_dot(numels, [&](const Chunk& c) {
-    return k.sgd_hd_dot(tensor(c.tensor), static_cast<DType>(dtypes[c.tensor]), c.begin, c.len,
-                        args);
+    return k.hd_dot(ptr_at(params, c.tensor), ptr_at(grads, c.tensor),
+                    ptr_at(directions, c.tensor), static_cast<DType>(dtypes[c.tensor]), c.begin,
+                    c.len, weight_decay, maximize);
   });
   args.lr = lr + hypergrad_lr * dot;
   for_each_chunk(numels, [&](int64_t t, int64_t begin, int64_t len) {
-    k.sgd_hd(tensor(t), static_cast<DType>(dtypes[t]), begin, len, args);
+    const SgdTensor tensor{ptr_at(params, t), ptr_at(grads, t), ptr_at(momentum_buffers, t),
+                           ptr_at(directions, t)};
+    k.sgd(tensor, static_cast<DType>(dtypes[t]), begin, len, args);
   });
   return {-dot, args.lr};
 }
@@ -361,8 +359,9 @@ std::pair<double, double> adam_hd_step(const Ptrs& params, const Ptrs& grads,
                               1.0 - std::pow(beta1, step_values[i]),
                               std::sqrt(1.0 - std::pow(beta2, step_values[i]))};
   const double dot = ordered_dot(numels, [&](const Chunk& c) {
-    return k.adam_hd_dot(tensors[c.tensor], static_cast<DType>(dtypes[c.tensor]), c.begin,
-                         c.len, args);
+    return k.hd_dot(ptr_at(params, c.tensor), ptr_at(grads, c.tensor),
+                    ptr_at(directions, c.tensor), static_cast<DType>(dtypes[c.tensor]), c.begin,
+                    c.len, weight_decay, maximize);
   });
   args.lr = lr + hypergrad_lr * dot;
   for_each_chunk(numels, [&](int64_t t, int64_t begin, int64_t len) {

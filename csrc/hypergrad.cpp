@@ -9,9 +9,10 @@
 //                                                      Adam: m̂_t / (√v̂_t + ε)
 //   θ_t   = θ_{t−1} − α_t·u_t,   and u_t is stored for the next step's h.
 //
-// Phase 1 (the *_dot_chunk functions) returns a chunk's Σ d·u_{t−1} in double; bindings.cpp
-// adds the chunks in a fixed order, so h does not depend on the thread count. Phase 2 (the
-// *_chunk functions) is the update. Both phases run inside one native call per group.
+// Phase 1 (hd_dot_chunk) returns a chunk's Σ d·u_{t−1} in double; bindings.cpp adds the chunks
+// in a fixed order, so h does not depend on the thread count. Phase 2 is the update: for
+// SGD-HD the SGD kernel itself (csrc/sgd.cpp, storing u_t), for Adam-HD adam_hd_chunk below.
+// Both phases run inside one native call per group.
 #include "elem.h"
 
 namespace fastmeta {
@@ -54,35 +55,6 @@ double hd_dot(const void* param_base, const void* grad_base, const void* directi
 }
 
 template <typename T>
-void sgd_hd_typed(const HdSgdTensor& t, int64_t begin, int64_t n, const HdSgdArgs& a) {
-  using E = Elem<T>;
-  using C = typename E::C;
-  T* __restrict p = offset<T>(t.param, begin);
-  const T* __restrict g = offset<T>(t.grad, begin);
-  T* __restrict buf = offset<T>(t.momentum_buffer, begin);
-  T* __restrict u = offset<T>(t.direction, begin);
-  const C lr = static_cast<C>(a.lr);
-  const C wd = static_cast<C>(a.weight_decay);
-  const C sign = a.maximize ? C(-1) : C(1);
-  const C mu = static_cast<C>(a.momentum);
-  const C keep = static_cast<C>(1.0 - a.dampening);
-  // Flags as locals, so that GCC unswitches the loop and vectorizes it (see sgd.cpp).
-  const bool has_buffer = buf != nullptr, first_step = a.first_step, nesterov = a.nesterov;
-  for (int64_t i = 0; i < n; ++i) {
-    const C pi = E::load(p + i);
-    const C d = sign * E::load(g + i) + wd * pi;
-    C step = d;
-    if (has_buffer) {
-      const C b = first_step ? d : mu * E::load(buf + i) + keep * d;
-      E::store(buf + i, b);
-      step = nesterov ? d + mu * b : b;
-    }
-    E::store(u + i, step);
-    E::store(p + i, pi - lr * step);
-  }
-}
-
-template <typename T>
 void adam_hd_typed(const HdAdamTensor& t, int64_t begin, int64_t n, const HdAdamArgs& a) {
   using E = Elem<T>;
   using C = typename E::C;
@@ -116,24 +88,11 @@ void adam_hd_typed(const HdAdamTensor& t, int64_t begin, int64_t n, const HdAdam
 
 }  // namespace
 
-double sgd_hd_dot_chunk(const HdSgdTensor& t, DType dtype, int64_t begin, int64_t n,
-                        const HdSgdArgs& a) {
+double hd_dot_chunk(const void* param, const void* grad, const void* direction, DType dtype,
+                    int64_t begin, int64_t n, double weight_decay, bool maximize) {
   double sum = 0.0;
-  FASTMETA_DISPATCH_DTYPE(dtype, sum = hd_dot<T>(t.param, t.grad, t.direction, begin, n,
-                                                 a.weight_decay, a.maximize));
-  return sum;
-}
-
-void sgd_hd_chunk(const HdSgdTensor& t, DType dtype, int64_t begin, int64_t n,
-                  const HdSgdArgs& a) {
-  FASTMETA_DISPATCH_DTYPE(dtype, sgd_hd_typed<T>(t, begin, n, a));
-}
-
-double adam_hd_dot_chunk(const HdAdamTensor& t, DType dtype, int64_t begin, int64_t n,
-                         const HdAdamArgs& a) {
-  double sum = 0.0;
-  FASTMETA_DISPATCH_DTYPE(dtype, sum = hd_dot<T>(t.param, t.grad, t.direction, begin, n,
-                                                 a.weight_decay, a.maximize));
+  FASTMETA_DISPATCH_DTYPE(dtype, sum = hd_dot<T>(param, grad, direction, begin, n,
+                                                 weight_decay, maximize));
   return sum;
 }
 

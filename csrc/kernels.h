@@ -19,6 +19,7 @@ struct SgdTensor {
   void* param;
   const void* grad;
   void* momentum_buffer;  // nullptr when momentum == 0
+  void* direction;        // SGD-HD: u_t, the step's lr-free direction, written; else nullptr
 };
 
 // ---- Adam / AdamW --------------------------------------------------------------------------
@@ -62,18 +63,9 @@ struct RmspropTensor {
 };
 
 // ---- Hypergradient descent: SGD-HD and Adam-HD (csrc/hypergrad.cpp) ------------------------
-// Two phases per call: *_hd_dot_chunk returns a chunk's Σ d·u_{t−1} in double, then *_hd_chunk
-// updates with the new lr (args.lr) and stores the step's lr-free direction u_t.
-struct HdSgdArgs {
-  double lr, weight_decay, momentum, dampening;
-  bool nesterov, maximize, first_step;
-};
-struct HdSgdTensor {
-  void* param;
-  const void* grad;
-  void* momentum_buffer;  // nullptr when momentum == 0
-  void* direction;        // u_{t−1} in, u_t out
-};
+// Two phases per call: hd_dot_chunk returns a chunk's Σ d·u_{t−1} in double (d = ±g + wd·θ),
+// then the update runs with the new lr and stores the step's lr-free direction u_t: SGD-HD
+// through sgd_chunk (SgdTensor::direction), Adam-HD through adam_hd_chunk.
 struct HdAdamArgs {
   double lr, beta1, beta2, eps, weight_decay;
   bool maximize;
@@ -192,12 +184,8 @@ struct LstmRuleGrad {
   FASTMETA_DECLARE_BATCHED(ISA, adam)                                                          \
   FASTMETA_DECLARE_BATCHED(ISA, adagrad)                                                       \
   FASTMETA_DECLARE_BATCHED(ISA, rmsprop)                                                       \
-  double sgd_hd_dot_chunk(const HdSgdTensor& t, DType dtype, int64_t begin, int64_t n,          \
-                          const HdSgdArgs& a);                                                 \
-  void sgd_hd_chunk(const HdSgdTensor& t, DType dtype, int64_t begin, int64_t n,               \
-                    const HdSgdArgs& a);                                                       \
-  double adam_hd_dot_chunk(const HdAdamTensor& t, DType dtype, int64_t begin, int64_t n,        \
-                           const HdAdamArgs& a);                                               \
+  double hd_dot_chunk(const void* param, const void* grad, const void* direction, DType dtype,  \
+                      int64_t begin, int64_t n, double weight_decay, bool maximize);           \
   void adam_hd_chunk(const HdAdamTensor& t, DType dtype, int64_t begin, int64_t n,             \
                      const HdAdamArgs& a);                                                     \
   bool lstm_rule_forward_chunk(const LstmRule& a, DType dtype, int64_t begin, int64_t n);      \

@@ -10,13 +10,15 @@ namespace fastmeta {
 namespace FASTMETA_ISA {
 namespace {
 
-template <typename T>
+// kDirection: also store the step's lr-free direction (SGD-HD, csrc/hypergrad.cpp).
+template <typename T, bool kDirection>
 void sgd_typed(const SgdTensor& t, int64_t begin, int64_t n, const SgdArgs& a) {
   using E = Elem<T>;
   using C = typename E::C;
   T* __restrict p = offset<T>(t.param, begin);
   const T* __restrict g = offset<T>(t.grad, begin);
   T* __restrict buf = offset<T>(t.momentum_buffer, begin);
+  T* __restrict u = offset<T>(t.direction, begin);
   const C lr = static_cast<C>(a.lr);
   const C wd = static_cast<C>(a.weight_decay);
   const C sign = a.maximize ? C(-1) : C(1);
@@ -26,6 +28,7 @@ void sgd_typed(const SgdTensor& t, int64_t begin, int64_t n, const SgdArgs& a) {
       const C pi = E::load(p + i);
       C d = sign * E::load(g + i);
       if (has_wd) d = d + wd * pi;
+      if (kDirection) E::store(u + i, d);
       E::store(p + i, pi - lr * d);
     }
     return;
@@ -44,6 +47,7 @@ void sgd_typed(const SgdTensor& t, int64_t begin, int64_t n, const SgdArgs& a) {
     const C b = first_step ? d : mu * E::load(buf + i) + keep * d;
     E::store(buf + i, b);
     const C step = nesterov ? d + mu * b : b;
+    if (kDirection) E::store(u + i, step);
     E::store(p + i, pi - lr * step);
   }
 }
@@ -204,7 +208,11 @@ void sgd_backward_chunk(const BatchedStep& s, const BatchedGrad& g, DType dtype,
 }
 
 void sgd_chunk(const SgdTensor& t, DType dtype, int64_t begin, int64_t n, const SgdArgs& a) {
-  FASTMETA_DISPATCH_DTYPE(dtype, sgd_typed<T>(t, begin, n, a));
+  if (t.direction != nullptr) {
+    FASTMETA_DISPATCH_DTYPE(dtype, (sgd_typed<T, true>(t, begin, n, a)));
+  } else {
+    FASTMETA_DISPATCH_DTYPE(dtype, (sgd_typed<T, false>(t, begin, n, a)));
+  }
 }
 
 }  // namespace FASTMETA_ISA

@@ -2,8 +2,9 @@
 
 A step is two launches per dtype present in the group: a reduction that writes each program's
 partial Σ d·u_{t−1} (float64) to its own slot, summed on the device in a fixed order, and the
-update with the new learning rate. The new lr is needed on the host (it is the param group's
-``lr``), so each step synchronises once to read it.
+update with the new learning rate (for SGD-HD, the SGD kernel storing its direction). The new
+lr is needed on the host (it is the param group's ``lr``), so each step synchronises once to
+read it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmeta.kernels import sgd as sgd_kernels
 from fastmeta.kernels import tensor_table as tt
 
 # Elements per program: as the other in-place kernels (4–8 streams per program).
@@ -43,44 +45,6 @@ def _hd_dot_kernel(
                                                          other=0.0).to(tl.float64)
     u = tl.load(u_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
     tl.store(partial + tl.program_id(0), tl.sum(d * u, axis=0))
-
-
-@triton.jit
-def _sgd_hd_kernel(
-    param_addrs, grad_addrs, buffer_addrs, direction_addrs,
-    block_tensor, block_start, numels,
-    hyper,  # float64[4]: lr (the new α_t), weight_decay, momentum, dampening
-    ELEM: tl.constexpr, COMPUTE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-    HAS_WEIGHT_DECAY: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-    FIRST_STEP: tl.constexpr, BLOCK: tl.constexpr,
-):
-    t, offsets, mask = tt.program_block(block_tensor, block_start, numels, BLOCK)
-    p_ptr = tl.load(param_addrs + t).to(tl.pointer_type(ELEM))
-    g_ptr = tl.load(grad_addrs + t).to(tl.pointer_type(ELEM))
-    u_ptr = tl.load(direction_addrs + t).to(tl.pointer_type(ELEM))
-    lr = tl.load(hyper + 0).to(COMPUTE)
-    p = tl.load(p_ptr + offsets, mask=mask).to(COMPUTE)
-    d = tl.load(g_ptr + offsets, mask=mask).to(COMPUTE)
-    if MAXIMIZE:
-        d = -d
-    if HAS_WEIGHT_DECAY:
-        d = d + tl.load(hyper + 1).to(COMPUTE) * p
-    step = d
-    if HAS_MOMENTUM:
-        b_ptr = tl.load(buffer_addrs + t).to(tl.pointer_type(ELEM))
-        mu = tl.load(hyper + 2).to(COMPUTE)
-        if FIRST_STEP:
-            b = d
-        else:
-            keep = 1.0 - tl.load(hyper + 3).to(COMPUTE)
-            b = mu * tl.load(b_ptr + offsets, mask=mask).to(COMPUTE) + keep * d
-        tl.store(b_ptr + offsets, b.to(ELEM), mask=mask)
-        if NESTEROV:
-            step = d + mu * b
-        else:
-            step = b
-    tl.store(u_ptr + offsets, step.to(ELEM), mask=mask)
-    tl.store(p_ptr + offsets, (p - lr * step).to(ELEM), mask=mask)
 
 
 @triton.jit
@@ -157,23 +121,11 @@ def sgd_hd_step_(params, grads, momentum_buffers, directions, *, lr: float, hype
     :func:`fastmeta.ops.hypergrad.sgd_hd_step_`)."""
     if not params:
         return -0.0, lr
-    device = params[0].device
     dot = _dot(params, grads, directions, weight_decay=weight_decay, maximize=maximize)
     new_lr = lr + hypergrad_lr * dot
-    hyper = tt.hyper_table([new_lr, weight_decay, momentum, dampening], device)
-    for dtype, idx, (block_tensor, block_start, numels) in _launches(params):
-        _sgd_hd_kernel[(block_tensor.numel(),)](
-            tt.address_table([params[i] for i in idx], device),
-            tt.address_table([grads[i] for i in idx], device),
-            tt.address_table([momentum_buffers[i] for i in idx] if momentum_buffers else [],
-                             device),
-            tt.address_table([directions[i] for i in idx], device),
-            block_tensor, block_start, numels, hyper,
-            ELEM=tt.TRITON_DTYPES[dtype],
-            COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-            HAS_MOMENTUM=bool(momentum_buffers), HAS_WEIGHT_DECAY=weight_decay != 0.0,
-            NESTEROV=nesterov, MAXIMIZE=maximize, FIRST_STEP=first_step, BLOCK=BLOCK_SIZE,
-        )
+    sgd_kernels.sgd_step_(params, grads, momentum_buffers, lr=new_lr, weight_decay=weight_decay,
+                          momentum=momentum, dampening=dampening, nesterov=nesterov,
+                          maximize=maximize, first_step=first_step, directions=directions)
     return -dot, new_lr
 
 

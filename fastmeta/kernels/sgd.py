@@ -21,6 +21,7 @@ def _sgd_kernel(
     param_addrs,  # int64[T]: address of each param
     grad_addrs,  # int64[T]: address of each grad
     buffer_addrs,  # int64[T]: address of each momentum buffer (unused without momentum)
+    direction_addrs,  # int64[T]: SGD-HD's u_t, the lr-free direction (unused unless DIRECTION)
     block_tensor,  # int64[B]: the tensor each program updates
     block_start,  # int64[B]: the first element of each program's block
     numels,  # int64[T]: elements of each tensor
@@ -32,6 +33,7 @@ def _sgd_kernel(
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     FIRST_STEP: tl.constexpr,
+    DIRECTION: tl.constexpr,  # also store the step's direction (fastmeta/kernels/hypergrad.py)
     BLOCK: tl.constexpr,
 ):
     t, offsets, mask = tt.program_block(block_tensor, block_start, numels, BLOCK)
@@ -57,6 +59,9 @@ def _sgd_kernel(
             d = d + mu * b
         else:
             d = b
+    if DIRECTION:
+        u_ptr = tl.load(direction_addrs + t).to(tl.pointer_type(ELEM))
+        tl.store(u_ptr + offsets, d.to(ELEM), mask=mask)
     tl.store(p_ptr + offsets, (p - lr * d).to(ELEM), mask=mask)
 
 
@@ -72,9 +77,11 @@ def sgd_step_(
     nesterov: bool,
     maximize: bool,
     first_step: bool,
+    directions: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """Launches :func:`_sgd_kernel` once per dtype present in ``params`` (inputs validated by
-    :func:`fastmeta.ops.sgd.sgd_step_`)."""
+    :func:`fastmeta.ops.sgd.sgd_step_`). ``directions`` (SGD-HD) receive each step's
+    lr-free direction."""
     device = params[0].device
     hyper = tt.hyper_table([lr, weight_decay, momentum, dampening], device)
     for dtype, idx in tt.group_by_dtype(len(params), [p.dtype for p in params]).items():
@@ -89,6 +96,7 @@ def sgd_step_(
             tt.address_table([grads[i] for i in idx], device),
             tt.address_table([momentum_buffers[i] for i in idx] if momentum_buffers else [],
                              device),
+            tt.address_table([directions[i] for i in idx] if directions else [], device),
             block_tensor,
             block_start,
             numels,
@@ -100,6 +108,7 @@ def sgd_step_(
             NESTEROV=nesterov,
             MAXIMIZE=maximize,
             FIRST_STEP=first_step,
+            DIRECTION=bool(directions),
             BLOCK=BLOCK_SIZE,
         )
 

@@ -40,8 +40,13 @@ from typing import Any, NamedTuple, Union
 import torch
 
 from fastmeta.backends import Impl
-from fastmeta.meta.lstm_optimizer import LSTMOptimizer, LSTMState
-from fastmeta.meta.lstm_training import DigitsMLPProblems, QuadraticProblems, unroll
+from fastmeta.meta.lstm_optimizer import LSTMOptimizer
+from fastmeta.meta.lstm_training import (
+    DigitsMLPProblems,
+    NonFiniteMetaLoss,
+    QuadraticProblems,
+    meta_epoch,
+)
 from fastmeta.meta.training import (
     CheckpointError,
     MetricsWriter,
@@ -351,25 +356,16 @@ def _load_weights(rule: LSTMOptimizer, payload: Mapping[str, Any], path: Path) -
 
 def _epoch(rule: LSTMOptimizer, outer: torch.optim.Optimizer, problems: Problems,
            config: Mapping[str, Any], epoch: int) -> float:
-    """One meta-epoch of truncated BPTT (as :func:`fastmeta.meta.lstm_training.meta_train`);
-    returns the mean optimizee loss over its steps."""
-    truncations = config["horizon"] // config["unroll"]
-    theta, state, total = problems.theta0, None, 0.0
-    for t in range(truncations):
-        result = unroll(rule, problems.loss, theta, state, config["unroll"],
-                        second_order=config["second_order"])
-        if not torch.isfinite(result.meta_loss):
-            raise FloatingPointError(
-                f"the meta-loss is not finite at epoch {epoch + 1}, truncation {t + 1}; the rule "
-                f"was not updated, and the checkpoint holds epoch {epoch} (try a smaller "
-                f"outer_lr)")
-        outer.zero_grad()
-        result.meta_loss.backward()
-        outer.step()
-        theta = result.theta.detach()
-        state = LSTMState(*(s.detach() for s in result.state))
-        total += float(result.losses.mean())
-    return total / truncations
+    """One meta-epoch (:func:`fastmeta.meta.lstm_training.meta_epoch`), with the run's epoch in
+    the message of a non-finite meta-loss."""
+    try:
+        return meta_epoch(rule, outer, problems, horizon=config["horizon"],
+                          unroll_steps=config["unroll"], second_order=config["second_order"])
+    except NonFiniteMetaLoss as exc:
+        raise FloatingPointError(
+            f"the meta-loss is not finite at epoch {epoch + 1}, truncation {exc.truncation}; "
+            f"the rule was not updated, and the checkpoint holds epoch {epoch} (try a smaller "
+            "outer_lr)") from None
 
 
 def train(config: Mapping[str, Any], *, resume: bool = False,

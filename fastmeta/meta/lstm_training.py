@@ -32,7 +32,15 @@ import torch
 from fastmeta.meta.lstm_optimizer import LSTMOptimizer
 from fastmeta.ops.lstm_rule import LSTMState
 
-__all__ = ["DigitsMLPProblems", "QuadraticProblems", "UnrollResult", "meta_train", "unroll"]
+__all__ = [
+    "DigitsMLPProblems",
+    "NonFiniteMetaLoss",
+    "QuadraticProblems",
+    "UnrollResult",
+    "meta_epoch",
+    "meta_train",
+    "unroll",
+]
 
 # Andrychowicz et al. 2016, section 3.1: 10-dimensional quadratics.
 QUADRATIC_DIM = 10
@@ -203,19 +211,44 @@ def meta_train(rule: LSTMOptimizer,
     outer = Adam(rule.parameters(), lr=lr)
     history = []
     for epoch in range(epochs):
-        problems = make_problems(generator)
-        theta, state = problems.theta0, None
-        total = 0.0
-        for _ in range(horizon // unroll_steps):
-            result = unroll(rule, problems.loss, theta, state, unroll_steps,
-                            second_order=second_order)
-            outer.zero_grad()
-            result.meta_loss.backward()
-            outer.step()
-            theta = result.theta.detach()
-            state = LSTMState(*(s.detach() for s in result.state))
-            total += float(result.losses.mean())
-        history.append(total / (horizon // unroll_steps))
+        history.append(meta_epoch(rule, outer, make_problems(generator), horizon=horizon,
+                                  unroll_steps=unroll_steps, second_order=second_order))
         if on_epoch is not None:
             on_epoch(epoch, history[-1])
     return history
+
+
+class NonFiniteMetaLoss(FloatingPointError):
+    """A truncation's meta-loss was not finite; the rule was not updated on it."""
+
+    def __init__(self, truncation: int) -> None:
+        super().__init__(f"the meta-loss is not finite at truncation {truncation}; the rule "
+                         "was not updated")
+        self.truncation = truncation
+
+
+def meta_epoch(rule: LSTMOptimizer, outer: torch.optim.Optimizer,
+               problems: QuadraticProblems | DigitsMLPProblems, *, horizon: int,
+               unroll_steps: int, second_order: bool = False) -> float:
+    """One meta-epoch of truncated BPTT: optimizes ``problems`` for ``horizon`` steps, and after
+    each truncation of ``unroll_steps`` takes one ``outer`` step on the rule's weights. Returns
+    the mean optimizee loss over the epoch's steps.
+
+    Raises:
+        NonFiniteMetaLoss: a truncation's meta-loss is not finite; the rule is left as it was
+            before that truncation (no step on a NaN gradient).
+    """
+    truncations = horizon // unroll_steps
+    theta, state, total = problems.theta0, None, 0.0
+    for t in range(truncations):
+        result = unroll(rule, problems.loss, theta, state, unroll_steps,
+                        second_order=second_order)
+        if not torch.isfinite(result.meta_loss):
+            raise NonFiniteMetaLoss(t + 1)
+        outer.zero_grad()
+        result.meta_loss.backward()
+        outer.step()
+        theta = result.theta.detach()
+        state = LSTMState(*(s.detach() for s in result.state))
+        total += float(result.losses.mean())
+    return total / truncations
