@@ -39,8 +39,8 @@ def test_differentiable_adam_step(benchmark, implementation):
     benchmark(run)
 
 
-@pytest.mark.parametrize("implementation", ["fastmeta", "torch.func vmap", "eager loop",
-                                            "higher"])
+@pytest.mark.parametrize("implementation", ["fastmeta", "torch.func vmap", "batched eager",
+                                            "eager loop", "higher"])
 def test_maml_sinusoid_meta_step(benchmark, implementation):
     if implementation == "higher" and importlib.util.find_spec("higher") is None:
         pytest.skip("higher is not installed")
@@ -49,8 +49,8 @@ def test_maml_sinusoid_meta_step(benchmark, implementation):
     if implementation == "fastmeta":
         step = maml._fastmeta_step(model, F.mse_loss, 1, 1e-3)
     else:
-        maker = {"torch.func vmap": maml._vmap_step, "eager loop": maml._eager_step,
-                 "higher": maml._higher_step}[implementation]
+        maker = {"torch.func vmap": maml._vmap_step, "batched eager": maml._batched_eager_step,
+                 "eager loop": maml._eager_step, "higher": maml._higher_step}[implementation]
         step = maker(model, F.mse_loss, 1, torch.optim.Adam(model.parameters()))
     benchmark.group = "MAML sinusoid meta-step T=25 K=10"
     benchmark(lambda: step(episode))

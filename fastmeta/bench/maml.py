@@ -3,12 +3,17 @@
 MAML (:func:`rows`: inner loop + query loss + meta-gradient + outer step):
 
 * ``torch.func vmap``: ``vmap`` over tasks of a ``grad``-based inner loop (second order);
+* ``batched eager`` (MLPs only): every task at once, written plainly: the fast weights as one
+  ``[T, N]`` buffer, each Linear as a ``baddbmm`` on its ``[T, out, in]`` slice, one
+  ``autograd.grad`` w.r.t. the buffer and ``w - lr * g``. The issue's "plain batched-bmm
+  version": the fused engine has to beat it too;
 * ``eager loop``: a Python loop over tasks with ``autograd.grad(create_graph=True)`` and
   per-tensor ``p - lr * g`` updates on ``functional_call`` (learn2learn's pattern);
 * ``higher``: ``higher.innerloop_ctx`` per task, when higher is installed.
 
 Workloads: the sinusoid MLP (T=25, K=10; 1 and 5 inner steps) and the conv-4 network on 5-way
-1-shot 28x28 episodes (T=8, 1 inner step).
+1-shot 28x28 episodes (T=8, 1 inner step). Every side of a row is timed in the same interleaved
+rounds (:func:`fastmeta.bench.harness.time_interleaved`).
 
 CAVIA (:func:`cavia_rows`: inner loop + query loss + meta-gradient, no outer step, so that only
 the meta-step itself is compared), second order, on the sinusoid (T=25, K=10, 5 context
@@ -40,6 +45,7 @@ CAVIA_CONTEXT = 5
 CAVIA_INNER_LR = 1.0
 # Interleaved timing rounds per side (the best round is kept): the CPU dev machine is shared.
 CAVIA_ROUNDS = 3
+MAML_ROUNDS = 3
 
 
 def _vmap_step(model, loss_fn, steps: int, outer):
@@ -59,6 +65,45 @@ def _vmap_step(model, loss_fn, steps: int, outer):
     def step(ep):
         params = dict(model.named_parameters())
         loss = batched(params, ep.support_x, ep.support_y, ep.query_x, ep.query_y).mean()
+        outer.zero_grad()
+        loss.backward()
+        outer.step()
+
+    return step
+
+
+def _batched_eager_step(model, loss_fn, steps: int, outer):
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    shapes = [(m.out_features, m.in_features) for m in linears]
+    if not linears or any(m.bias is None for m in linears) or not all(
+            isinstance(m, (torch.nn.Linear, torch.nn.ReLU, torch.nn.Sequential, MLP))
+            for m in model.modules()):
+        raise ValueError("the batched eager baseline is written for Linear/ReLU MLPs")
+    params = [t for m in linears for t in (m.weight, m.bias)]
+
+    def forward(flat, x):
+        offset = 0
+        for i, (out_f, in_f) in enumerate(shapes):
+            w = flat[:, offset:offset + out_f * in_f].view(-1, out_f, in_f)
+            offset += out_f * in_f
+            b = flat[:, offset:offset + out_f].unsqueeze(1)
+            offset += out_f
+            x = torch.baddbmm(b, x, w.transpose(1, 2))
+            if i < len(shapes) - 1:
+                x = torch.relu(x)
+        return x
+
+    def losses(flat, x, y):
+        return (forward(flat, x) - y).square().mean((1, 2))
+
+    def step(ep):
+        tasks = ep.support_x.shape[0]
+        flat = torch.cat([p.reshape(-1) for p in params]).expand(tasks, -1)
+        for _ in range(steps):
+            (g,) = torch.autograd.grad(losses(flat, ep.support_x, ep.support_y).sum(), flat,
+                                       create_graph=True)
+            flat = flat - INNER_LR * g
+        loss = losses(flat, ep.query_x, ep.query_y).mean()
         outer.zero_grad()
         loss.backward()
         outer.step()
@@ -122,20 +167,26 @@ def _row(name: str, make_model: Callable[[], torch.nn.Module], loss_fn, episode,
          *, baselines: list[str], min_run_time: float) -> harness.Row:
     torch.manual_seed(0)
     fastmeta_step = _fastmeta_step(make_model(), loss_fn, steps, 1e-3)
-    ours = harness.time_fn(lambda: fastmeta_step(episode), min_run_time=min_run_time)
+    step_fns: dict[str, Callable[[], None]] = {"fastmeta": lambda: fastmeta_step(episode)}
     timings: dict[str, harness.Timing | None] = {}
     notes = {}
-    makers = {"torch.func vmap": _vmap_step, "eager loop": _eager_step, "higher": _higher_step}
+    makers = {"torch.func vmap": _vmap_step, "batched eager": _batched_eager_step,
+              "eager loop": _eager_step, "higher": _higher_step}
     for baseline in baselines:
         if baseline == "higher" and importlib.util.find_spec("higher") is None:
             timings[baseline] = None
             notes["higher"] = "higher is not installed (skipped)"
             continue
+        torch.manual_seed(0)
         model = make_model()
         step = makers[baseline](model, loss_fn, steps, torch.optim.Adam(model.parameters()))
-        timings[baseline] = harness.time_fn(lambda s=step: s(episode),
-                                            min_run_time=min_run_time)
-    return harness.Row(name=name, ours=ours, baselines=timings, notes=notes)
+        step_fns[baseline] = lambda s=step: s(episode)
+    best = harness.time_interleaved(step_fns, rounds=MAML_ROUNDS, min_run_time=min_run_time)
+    ours = best.pop("fastmeta")
+    timings.update(best)
+    notes["rounds"] = MAML_ROUNDS
+    return harness.Row(name=name, ours=ours, baselines={b: timings[b] for b in baselines},
+                       notes=notes)
 
 
 def rows(*, min_run_time: float, quick: bool = False) -> Iterator[harness.Row]:
@@ -144,7 +195,8 @@ def rows(*, min_run_time: float, quick: bool = False) -> Iterator[harness.Row]:
     sinusoid = SinusoidTasks(seed=0).sample(25, shots=10)
     for steps in (1, 5):
         yield _row(f"MAML sinusoid T=25 K=10, {steps} step(s)", MLP, F.mse_loss, sinusoid,
-                   steps, baselines=["torch.func vmap", "eager loop", "higher"],
+                   steps, baselines=["torch.func vmap", "batched eager", "eager loop",
+                                     "higher"],
                    min_run_time=min_run_time)
     if quick:
         return

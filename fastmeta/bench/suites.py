@@ -97,8 +97,9 @@ SUITES: dict[str, Suite] = {
                               ["eager autograd", "torch.func vmap", "per-task eager", "higher",
                                "torchopt"], _inner_rows, _inner_memory),
                         Suite("maml", "one MAML meta-step (second order) against torch.func, "
-                              "an eager per-task loop and higher", ["torch.func vmap",
-                              "eager loop", "higher"], _maml_rows),
+                              "the batched maths in eager torch, an eager per-task loop and "
+                              "higher", ["torch.func vmap", "batched eager", "eager loop",
+                                         "higher"], _maml_rows),
                         Suite("cavia", "one CAVIA meta-step (second order, no outer step) "
                               "against torch.func and the same batched maths in eager torch",
                               ["torch.func vmap", "batched eager"], _cavia_rows),
