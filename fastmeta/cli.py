@@ -4,14 +4,16 @@
 ``train maml|cavia`` meta-trains a few-shot learner (``--task``); ``train lstm-opt`` meta-trains
 the learned LSTM optimizer of Andrychowicz et al. 2016 (``--problem``) and compares it with tuned
 SGD, momentum, RMSprop and Adam. Every run checkpoints as it goes and continues exactly with
-``--resume``; ``eval`` evaluates any of their checkpoints. ``hpo`` tunes SGD's per-layer lr,
-momentum and weight decay by hypergradients through unrolled training, or by Optuna's TPE,
-CMA-ES or random search, on a wall-clock budget.
+``--resume``; ``eval`` evaluates any of their checkpoints. With ``--distributed``, under
+``torchrun``, each meta-batch is split across the processes (:mod:`fastmeta.distributed`).
+``hpo`` tunes SGD's per-layer lr, momentum and weight decay by hypergradients through unrolled
+training, or by Optuna's TPE, CMA-ES or random search, on a wall-clock budget.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import sys
 import time
@@ -229,26 +231,74 @@ def _describe(ev: dict) -> str:
     return line
 
 
+# How `fastmeta train --distributed` is launched, for the error when it was not.
+TORCHRUN_USAGE = ("torchrun --nproc_per_node=N -m fastmeta.cli train ... --distributed (or, on "
+                  "several machines, torchrun --nnodes=M --node_rank=I --rdzv_backend=c10d "
+                  "--rdzv_endpoint=HOST:PORT --nproc_per_node=N -m fastmeta.cli train ... "
+                  "--distributed)")
+
+
+def _check_distributed_options(args: argparse.Namespace) -> str | None:
+    """The reason ``--distributed``/``--dist-timeout`` cannot run here, or None."""
+    from fastmeta import distributed
+
+    if not args.distributed:
+        if args.dist_timeout is not None:
+            return "--dist-timeout applies with --distributed only"
+        return None
+    missing = distributed.missing_torchrun_variables()
+    if missing and not distributed.is_initialized():
+        return (f"--distributed needs the environment torchrun gives each process "
+                f"({', '.join(missing)} not set); launch with {TORCHRUN_USAGE}")
+    return None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from fastmeta import distributed
     from fastmeta.meta import lstm_runs, runs
     from fastmeta.meta.training import CheckpointError
 
     lstm = args.algorithm == "lstm-opt"
     config: dict | None = None
+    problem = _check_distributed_options(args)
+    if problem is not None:
+        print(f"fastmeta train: {problem}", file=sys.stderr)
+        return 2
+    where = ""  # which process speaks, in a distributed run
+    main = True
     try:
         config = _train_config(args)
-        summary = (lstm_runs if lstm else runs).train(config, resume=args.resume)
+        with contextlib.ExitStack() as stack:
+            if args.distributed:
+                timeout = (distributed.DEFAULT_TIMEOUT_S if args.dist_timeout is None
+                           else args.dist_timeout)
+                # The runs train on the CPU: gloo.
+                ctx = stack.enter_context(distributed.session(timeout_s=timeout, device="cpu"))
+                where = f" (rank {ctx.rank} of {ctx.world_size})"
+                main = ctx.is_main
+            summary = (lstm_runs if lstm else runs).train(config, resume=args.resume,
+                                                          quiet=not main,
+                                                          distributed=args.distributed)
     except (ValueError, CheckpointError) as exc:
-        print(f"fastmeta train: {exc}", file=sys.stderr)
+        print(f"fastmeta train{where}: {exc}", file=sys.stderr)
         return 2
+    except distributed.DistributedError as exc:
+        print(f"fastmeta train{where}: {exc}", file=sys.stderr)
+        if config is not None:
+            print(f"fastmeta train{where}: {config['out']}/checkpoint.pt (on rank 0's machine) "
+                  "holds the last checkpoint: continue with --resume, on any number of "
+                  "processes", file=sys.stderr)
+        return 1
     except FloatingPointError as exc:
-        print(f"fastmeta train: {exc}", file=sys.stderr)
+        print(f"fastmeta train{where}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        if config is not None:
+        if config is not None and main:
             print(f"\nfastmeta train: interrupted; {config['out']}/checkpoint.pt holds the last "
                   "checkpoint: continue with --resume", file=sys.stderr)
         return 130
+    if not main:
+        return 0
     print(f"trained in {summary['train_seconds']:.1f} s; results in {config['out']}")
     if lstm:
         print(f"{summary['held_out_problems']} held-out {config['problem']} problems:")
@@ -452,6 +502,15 @@ def main(argv: list[str] | None = None) -> int:
                        "plots)")
     train.add_argument("--resume", action="store_true",
                        help="continue from <out>/checkpoint.pt exactly where it stopped")
+    train.add_argument("--distributed", action="store_true",
+                       help="split each meta-batch across the processes of a torchrun job "
+                       "(gloo; only rank 0 writes and reports): torchrun --nproc_per_node=N "
+                       "-m fastmeta.cli train ... --distributed")
+    train.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                       help="with --distributed: how long a process waits for the others before "
+                       "failing with an error (default: "
+                       "fastmeta.distributed.DEFAULT_TIMEOUT_S, 300); must exceed rank 0's "
+                       "periodic evaluation")
     evaluate = sub.add_parser("eval", help="evaluate a trained checkpoint on new tasks")
     evaluate.add_argument("checkpoint", help="a checkpoint.pt of `fastmeta train`")
     evaluate.add_argument("--tasks", type=int,

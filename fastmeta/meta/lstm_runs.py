@@ -29,6 +29,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import sys
@@ -40,6 +42,14 @@ from typing import Any, NamedTuple, Union
 import torch
 
 from fastmeta.backends import Impl
+from fastmeta.distributed import (
+    all_reduce_gradients,
+    broadcast_parameters,
+    check_same_config,
+    on_main,
+    owned_tasks,
+)
+from fastmeta.distributed import context as distributed_context
 from fastmeta.meta.lstm_optimizer import LSTMOptimizer
 from fastmeta.meta.lstm_training import (
     DigitsMLPProblems,
@@ -62,7 +72,8 @@ from fastmeta.optim import Adam
 
 __all__ = ["ALGORITHM", "BASELINES", "FAMILIES", "LEARNED", "LR_GRID", "ProblemFamily",
            "baseline_losses", "compare_with_baselines", "default_config", "format_table",
-           "load_trained", "plot_curves", "rule_losses", "train", "tune_baseline"]
+           "load_trained", "plot_curves", "problem_share", "rule_losses", "train",
+           "tune_baseline"]
 
 Problems = Union[QuadraticProblems, DigitsMLPProblems]
 
@@ -354,22 +365,89 @@ def _load_weights(rule: LSTMOptimizer, payload: Mapping[str, Any], path: Path) -
                               f"{str(exc).splitlines()[0]}") from exc
 
 
+def _non_finite(epoch: int, truncation: int) -> FloatingPointError:
+    return FloatingPointError(
+        f"the meta-loss is not finite at epoch {epoch + 1}, truncation {truncation}; the rule "
+        f"was not updated, and the checkpoint holds epoch {epoch} (try a smaller outer_lr)")
+
+
 def _epoch(rule: LSTMOptimizer, outer: torch.optim.Optimizer, problems: Problems,
-           config: Mapping[str, Any], epoch: int) -> float:
+           config: Mapping[str, Any], epoch: int, *, distributed: bool = False) -> float:
     """One meta-epoch (:func:`fastmeta.meta.lstm_training.meta_epoch`), with the run's epoch in
-    the message of a non-finite meta-loss."""
+    the message of a non-finite meta-loss.
+
+    With ``distributed``, the batch of problems is split across the processes of the process
+    group: each rank optimizes its own contiguous share, and after each truncation the rule's
+    meta-gradients, weighted by each rank's share of the problems, are summed in one
+    all-reduce, which gives every rank the single-process meta-gradient (the meta-loss is a
+    mean over the problems); every rank then takes the same outer step. The meta-loss and the
+    logged loss travel in the same all-reduce, so a non-finite meta-loss on any rank stops
+    every rank, before any of them steps.
+    """
+    reduce_gradients = None
+    if distributed:
+        batch = problems.theta0.shape[0]
+        share = owned_tasks(batch)
+        problems = problem_share(problems, share)
+        weight = len(share) / batch
+
+        def reduce_gradients(meta_loss: torch.Tensor, losses: torch.Tensor) -> tuple[float, float]:
+            summed = all_reduce_gradients(
+                rule.parameters(), scale=weight,
+                extra=[float(meta_loss) * weight, float(losses.mean()) * weight])
+            return float(summed[0]), float(summed[1])
+
     try:
         return meta_epoch(rule, outer, problems, horizon=config["horizon"],
-                          unroll_steps=config["unroll"], second_order=config["second_order"])
+                          unroll_steps=config["unroll"], second_order=config["second_order"],
+                          reduce_gradients=reduce_gradients)
     except NonFiniteMetaLoss as exc:
-        raise FloatingPointError(
-            f"the meta-loss is not finite at epoch {epoch + 1}, truncation {exc.truncation}; "
-            f"the rule was not updated, and the checkpoint holds epoch {epoch} (try a smaller "
-            "outer_lr)") from None
+        raise _non_finite(epoch, exc.truncation) from None
 
 
-def train(config: Mapping[str, Any], *, resume: bool = False,
-          quiet: bool = False) -> dict[str, Any]:
+class _DigitsMLPShare:
+    """Problems ``share`` of a :class:`DigitsMLPProblems` batch, drawing each minibatch exactly
+    as the whole batch would: the ``[B, m]`` index is drawn whole from the batch's generator
+    (so it advances as in a single process) and this share keeps its rows."""
+
+    def __init__(self, whole: DigitsMLPProblems, share: range) -> None:
+        self.whole, self.share = whole, share
+        self.theta0 = whole.theta0[share.start:share.stop]
+
+    def loss(self, theta: torch.Tensor) -> torch.Tensor:
+        """``[len(share)]``: each of this share's MLPs on its rows of the batch's minibatch."""
+        index = self.whole.draw_minibatches(self.whole.theta0.shape[0])
+        return self.whole.loss_on(theta, index[self.share.start:self.share.stop])
+
+
+def problem_share(problems: Problems, share: range) -> Any:
+    """The problems ``share`` (a range of indices) of a batch, as an object with ``theta0`` and
+    ``loss`` whose losses are those of the whole batch's rows ``share`` (for the digits, the
+    same minibatches, and the batch's generator advances as if the whole batch had been
+    evaluated)."""
+    if isinstance(problems, QuadraticProblems):
+        part = copy.copy(problems)
+        part.W, part.y, part.theta0 = (t[share.start:share.stop]
+                                       for t in (problems.W, problems.y, problems.theta0))
+        return part
+    if isinstance(problems, DigitsMLPProblems):
+        return _DigitsMLPShare(problems, share)
+    raise TypeError(f"problems: no share of a {type(problems).__name__} batch")
+
+
+def _load_resume_state(checkpoint: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    if not checkpoint.exists():
+        raise CheckpointError(f"--resume: no checkpoint at {checkpoint}")
+    payload = load_checkpoint(checkpoint)
+    _check_same_run(payload.get("config"), config, checkpoint)
+    extra = payload.get("extra") or {}
+    if not isinstance(extra.get("generator"), torch.Tensor):
+        raise CheckpointError(f"{checkpoint}: the checkpoint holds no problem generator state")
+    return payload
+
+
+def train(config: Mapping[str, Any], *, resume: bool = False, quiet: bool = False,
+          distributed: bool = False) -> dict[str, Any]:
     """Meta-trains the rule as ``config`` (from :func:`default_config`) says, then compares it
     with the tuned baselines; returns the summary also written to ``summary.json``.
 
@@ -377,16 +455,35 @@ def train(config: Mapping[str, Any], *, resume: bool = False,
         config: the run.
         resume: continue from ``<out>/checkpoint.pt`` exactly where it stopped.
         quiet: no progress bar and no messages.
+        distributed: split each meta-epoch's problems across the processes of the current
+            ``torch.distributed`` process group (see :mod:`fastmeta.distributed`): every
+            process draws the whole batch, optimizes its own contiguous share, and the rule's
+            meta-gradient is all-reduced as one flat bucket after each truncation. Only rank 0
+            reads and writes the run folder, shows progress, evaluates and compares with the
+            baselines; the other ranks return once training is done, with no ``results``. A
+            checkpoint resumes on any number of processes.
 
     Raises:
         CheckpointError: ``resume`` without a checkpoint, or a checkpoint that is corrupt or of
             another run (algorithm, problem, architecture, schedule or seed; named).
         FloatingPointError: the meta-loss became non-finite (the last checkpoint is kept).
+        ValueError: with ``distributed``, fewer problems per meta-epoch than processes, or
+            processes given different configs.
+        RuntimeError: ``distributed`` without a process group.
+        fastmeta.distributed.DistributedError: another process died or hung (after the
+            process group's timeout); the last checkpoint stays valid.
     """
     config = dict(config)
+    ctx = distributed_context() if distributed else None
+    main = ctx is None or ctx.is_main
+    quiet = quiet or not main
     out = Path(config["out"])
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
+    if ctx is not None:
+        check_same_config(config, ignore=("out",))
+        owned_tasks(config["meta_batch"])  # every rank needs a problem: fail early
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     family = FAMILIES[config["problem"]]
     seed_everything(config["seed"])
     rule = build(config)
@@ -394,42 +491,41 @@ def train(config: Mapping[str, Any], *, resume: bool = False,
     generator = torch.Generator().manual_seed(config["seed"])
     start, elapsed_before = 0, 0.0
     if resume:
-        if not checkpoint.exists():
-            raise CheckpointError(f"--resume: no checkpoint at {checkpoint}")
-        payload = load_checkpoint(checkpoint)
-        _check_same_run(payload.get("config"), config, checkpoint)
+        payload = on_main(_load_resume_state, checkpoint, config)
         _load_weights(rule, payload, checkpoint)
         start = restore(payload, optimizer=outer)
-        extra = payload.get("extra") or {}
-        if not isinstance(extra.get("generator"), torch.Tensor):
-            raise CheckpointError(f"{checkpoint}: the checkpoint holds no problem generator "
-                                  "state")
+        extra = payload["extra"]
         generator.set_state(extra["generator"])
         elapsed_before = float(extra.get("train_seconds", 0.0))
+    if ctx is not None:
+        broadcast_parameters(rule.parameters())
     fields = ["epoch", "meta_loss", "eval_loss", "seconds"]
-    metrics = MetricsWriter(out / "metrics.csv", fields, resume_from=start if resume else None,
-                            step_key="epoch")
+    metrics = (MetricsWriter(out / "metrics.csv", fields, resume_from=start if resume else None,
+                             step_key="epoch") if main else contextlib.nullcontext())
     started = time.perf_counter()
     with metrics, Progress(config["epochs"], initial=start, desc=f"meta-train {ALGORITHM}",
                            disable=quiet) as bar:
         for epoch in range(start, config["epochs"]):
             problems = family.make(config["meta_batch"], generator)
-            loss = _epoch(rule, outer, problems, config, epoch)
+            loss = _epoch(rule, outer, problems, config, epoch, distributed=ctx is not None)
             done = epoch + 1
             row: dict[str, Any] = {"epoch": done, "meta_loss": loss, "eval_loss": ""}
             shown = {}
-            if done % config["eval_every"] == 0 or done == config["epochs"]:
+            if main and (done % config["eval_every"] == 0 or done == config["epochs"]):
                 val = rule_losses(rule, _problems(config["problem"], config["eval_tasks"],
                                                   VALIDATION_SEED), config["horizon"])
                 row["eval_loss"] = shown["held_out"] = float(val[-1].mean())
             seconds = elapsed_before + time.perf_counter() - started
             row["seconds"] = round(seconds, 2)
-            metrics.write(row)
-            save_checkpoint(checkpoint, checkpoint_payload(
-                iteration=done, model=rule, optimizer=outer, config=config,
-                generator=generator.get_state(), train_seconds=seconds))
+            if main:  # the others go on, and wait for rank 0 in the next all-reduce
+                metrics.write(row)
+                save_checkpoint(checkpoint, checkpoint_payload(
+                    iteration=done, model=rule, optimizer=outer, config=config,
+                    generator=generator.get_state(), train_seconds=seconds))
             bar.update(loss=loss, **shown)
     train_seconds = elapsed_before + time.perf_counter() - started
+    if not main:
+        return {"config": config, "train_seconds": train_seconds, "results": {}}
     rule.save(out / "rule.pt")
     return _finish(rule, config, out, train_seconds=train_seconds,
                    resumed_from=start if resume else None, quiet=quiet)

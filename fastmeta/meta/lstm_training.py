@@ -24,6 +24,7 @@ the fused backward of :func:`fastmeta.ops.lstm_rule.lstm_rule` when the rule's `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -31,6 +32,9 @@ import torch
 
 from fastmeta.meta.lstm_optimizer import LSTMOptimizer
 from fastmeta.ops.lstm_rule import LSTMState
+
+#: ``(meta_loss, losses) -> (meta_loss, mean_loss)``: see :func:`meta_epoch`.
+GradientReducer = Callable[[torch.Tensor, torch.Tensor], tuple[float, float]]
 
 __all__ = [
     "DigitsMLPProblems",
@@ -118,8 +122,16 @@ class DigitsMLPProblems:
 
     def loss(self, theta: torch.Tensor) -> torch.Tensor:
         """``[B]``: each MLP's cross-entropy on its own fresh minibatch."""
+        return self.loss_on(theta, self.draw_minibatches(theta.shape[0]))
+
+    def draw_minibatches(self, batch: int) -> torch.Tensor:
+        """``[batch, m]``: image indices of a fresh minibatch for each of ``batch`` MLPs, from
+        the generator (what each :meth:`loss` call draws)."""
+        return torch.randint(len(self.images), (batch, self.minibatch), generator=self.generator)
+
+    def loss_on(self, theta: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``[B]``: each MLP's cross-entropy on the images ``index [B, m]``."""
         batch = theta.shape[0]
-        index = torch.randint(len(self.images), (batch, self.minibatch), generator=self.generator)
         x, y = self.images[index], self.labels[index]  # [B, m, 64], [B, m]
         w1, b1, w2, b2 = torch.split(theta, [s[0] * (s[1] if len(s) == 2 else 1)
                                              for s in self.sizes], dim=1)
@@ -229,10 +241,19 @@ class NonFiniteMetaLoss(FloatingPointError):
 
 def meta_epoch(rule: LSTMOptimizer, outer: torch.optim.Optimizer,
                problems: QuadraticProblems | DigitsMLPProblems, *, horizon: int,
-               unroll_steps: int, second_order: bool = False) -> float:
+               unroll_steps: int, second_order: bool = False,
+               reduce_gradients: GradientReducer | None = None) -> float:
     """One meta-epoch of truncated BPTT: optimizes ``problems`` for ``horizon`` steps, and after
     each truncation of ``unroll_steps`` takes one ``outer`` step on the rule's weights. Returns
     the mean optimizee loss over the epoch's steps.
+
+    Args:
+        reduce_gradients: called after each truncation's backward, before the outer step, as
+            ``reduce_gradients(meta_loss, losses) -> (meta_loss, mean_loss)``: it may replace
+            the rule's gradients (a distributed run sums them over the processes, see
+            :mod:`fastmeta.distributed`) and returns the meta-loss and mean optimizee loss to
+            use (the whole batch's). The finiteness check then reads its meta-loss, so that
+            every process stops together.
 
     Raises:
         NonFiniteMetaLoss: a truncation's meta-loss is not finite; the rule is left as it was
@@ -243,12 +264,19 @@ def meta_epoch(rule: LSTMOptimizer, outer: torch.optim.Optimizer,
     for t in range(truncations):
         result = unroll(rule, problems.loss, theta, state, unroll_steps,
                         second_order=second_order)
-        if not torch.isfinite(result.meta_loss):
-            raise NonFiniteMetaLoss(t + 1)
         outer.zero_grad()
-        result.meta_loss.backward()
+        if reduce_gradients is None:
+            if not torch.isfinite(result.meta_loss):
+                raise NonFiniteMetaLoss(t + 1)
+            result.meta_loss.backward()
+            mean_loss = float(result.losses.mean())
+        else:
+            result.meta_loss.backward()
+            meta_loss, mean_loss = reduce_gradients(result.meta_loss, result.losses)
+            if not math.isfinite(meta_loss):
+                raise NonFiniteMetaLoss(t + 1)
         outer.step()
         theta = result.theta.detach()
         state = LSTMState(*(s.detach() for s in result.state))
-        total += float(result.losses.mean())
+        total += mean_loss
     return total / truncations

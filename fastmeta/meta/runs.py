@@ -13,6 +13,7 @@ everything else (sampling, the outer loop, evaluation, checkpoints) is shared.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -22,6 +23,14 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 
+from fastmeta.distributed import (
+    all_reduce_gradients,
+    broadcast_parameters,
+    check_same_config,
+    on_main,
+    owned_tasks,
+)
+from fastmeta.distributed import context as distributed_context
 from fastmeta.meta.cavia import CAVIA, CAVIAOutput
 from fastmeta.meta.maml import MAML
 from fastmeta.meta.networks import MLP, Conv4, FiLMConv4
@@ -235,45 +244,97 @@ def _check_same_model(saved: dict[str, Any], config: dict[str, Any], path: Path)
                 f"asks for {key}={config.get(key)!r}")
 
 
-def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+def _load_resume_state(checkpoint: Path, config: dict[str, Any]) -> dict[str, Any]:
+    if not checkpoint.exists():
+        raise CheckpointError(f"--resume: no checkpoint at {checkpoint}")
+    payload = load_checkpoint(checkpoint)
+    _check_same_model(payload["config"], config, checkpoint)
+    return payload
+
+
+def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False,
+          distributed: bool = False) -> dict[str, Any]:
     """Meta-trains the config's algorithm as it says; returns the summary also written to
-    ``summary.json``."""
+    ``summary.json``.
+
+    Args:
+        config: the run (from :func:`default_config`).
+        resume: continue from ``<out>/checkpoint.pt`` exactly where it stopped.
+        quiet: no progress bar and no messages.
+        distributed: split each meta-batch across the processes of the current
+            ``torch.distributed`` process group (see :mod:`fastmeta.distributed`): every
+            process samples the whole meta-batch and adapts its own contiguous share of the
+            tasks, the meta-gradient is all-reduced as one flat bucket, and every process takes
+            the same outer step. Only rank 0 reads and writes the run folder (it broadcasts a
+            resumed checkpoint, so it may be read on rank 0's machine alone), shows progress
+            and evaluates; the other ranks return once training is done, with an empty
+            ``evaluation``. The number of processes is not part of the run: a checkpoint
+            resumes on any number of them.
+
+    Raises:
+        CheckpointError: ``resume`` without a checkpoint, or one of another model.
+        ValueError: with ``distributed``, a meta-batch smaller than the number of processes,
+            or processes given different configs.
+        RuntimeError: ``distributed`` without a process group.
+        fastmeta.distributed.DistributedError: another process died or hung (after the
+            process group's timeout); the last checkpoint stays valid.
+    """
+    ctx = distributed_context() if distributed else None
+    main = ctx is None or ctx.is_main
+    quiet = quiet or not main
     out = Path(config["out"])
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
+    if ctx is not None:
+        # A path may differ from machine to machine; everything else must agree.
+        check_same_config(config, ignore=("out", "omniglot_root"))
+        share = owned_tasks(config["meta_batch"])
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     seed_everything(config["seed"])
     learner = build(config)
     outer = Adam(learner.parameters(), lr=config["outer_lr"])
     tasks = _sampler(config, "train", config["seed"])
     start = 0
     elapsed_before = 0.0
-    if resume and checkpoint.exists():
-        payload = load_checkpoint(checkpoint)
-        _check_same_model(payload["config"], config, checkpoint)
+    if resume:
+        payload = on_main(_load_resume_state, checkpoint, config)
         start = restore(payload, model=learner, optimizer=outer, tasks=tasks)
         elapsed_before = float(payload["extra"].get("train_seconds", 0.0))
-    elif resume:
-        raise CheckpointError(f"--resume: no checkpoint at {checkpoint}")
+    if ctx is not None:
+        broadcast_parameters(learner.parameters())
     fields = ["iteration", "meta_loss", "eval_loss", "eval_ci", "eval_accuracy", "seconds"]
-    metrics = MetricsWriter(out / "metrics.csv", fields, resume_from=start if resume else None)
+    metrics = (MetricsWriter(out / "metrics.csv", fields, resume_from=start if resume else None)
+               if main else contextlib.nullcontext())
     started = time.perf_counter()
     running = []
     with metrics, Progress(config["iterations"], initial=start, disable=quiet) as bar:
         for iteration in range(start, config["iterations"]):
             episode = _sample(config, tasks, config["meta_batch"])
+            if ctx is not None:
+                episode = episode.select_tasks(share.start, share.stop)
             result = learner(episode)
             outer.zero_grad(set_to_none=True)
             result.loss.backward()
-            if config["grad_clip"]:
+            if ctx is None:
+                loss = result.loss.item()
+            else:
+                # This rank's mean over its T_r tasks, weighted T_r / T: the sum over the ranks
+                # is the mean over all T tasks (see fastmeta.distributed).
+                weight = len(share) / config["meta_batch"]
+                (loss,) = all_reduce_gradients(
+                    learner.parameters(), scale=weight,
+                    extra=[result.loss.item() * weight]).tolist()
+            if config["grad_clip"]:  # on the mean meta-gradient: after the all-reduce
                 for p in learner.parameters():
                     if p.grad is not None:
                         p.grad.clamp_(-config["grad_clip"], config["grad_clip"])
             outer.step()
-            loss = result.loss.item()
             running.append(loss)
             bar.update(loss=loss)
             done = iteration + 1
-            if done % config["eval_every"] == 0 or done == config["iterations"]:
+            if main and (done % config["eval_every"] == 0 or done == config["iterations"]):
+                # Rank 0 alone evaluates and writes; the others wait for it in the next
+                # all-reduce (within the process group's timeout).
                 seconds = elapsed_before + time.perf_counter() - started
                 val = evaluate(learner, config, tasks=PERIODIC_EVAL_TASKS,
                                steps=config["inner_steps"], seed=999, split="val")
@@ -290,6 +351,8 @@ def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False) 
                     train_seconds=seconds))
     train_seconds = elapsed_before + time.perf_counter() - started
     summary = {"config": config, "train_seconds": train_seconds, "evaluation": []}
+    if not main:
+        return summary
     for steps in config["eval_steps"]:
         for shots in (config["eval_shots"] or [config["shots"]]):
             summary["evaluation"].append(

@@ -67,6 +67,27 @@ class Episode:
         """T, the number of tasks."""
         return self.support_x.shape[0]
 
+    def select_tasks(self, start: int, stop: int) -> Episode:
+        """The tasks ``start..stop-1`` as an episode of the same type (no copy: views).
+
+        Every tensor field, those of subclasses included (a sinusoid's ``amplitude``), has the
+        leading task dimension and is sliced along it. This is how a distributed run gives each
+        process its own contiguous share of a meta-batch that every process sampled whole.
+
+        Raises:
+            ValueError: a range that is empty or not within ``0..T``.
+        """
+        tasks = self.num_tasks
+        for name, value in (("start", start), ("stop", stop)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if not 0 <= start < stop <= tasks:
+            raise ValueError(f"select_tasks({start}, {stop}): expected 0 <= start < stop <= T "
+                             f"= {tasks}")
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def to(self, *args: Any, **kwargs: Any) -> Episode:
         """A copy with every floating tensor moved/cast (``Tensor.to`` arguments); integer
         tensors (labels) are only moved, never cast."""
