@@ -107,6 +107,57 @@ def time_interleaved(
     return best
 
 
+# Round-robin timing: each slot times a block of calls lasting about this long, and every
+# side gets at least this many blocks.
+ROUND_ROBIN_BLOCK_SECONDS = 2e-3
+ROUND_ROBIN_MIN_CYCLES = 10
+
+
+def time_round_robin(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    min_run_time: float = DEFAULT_MIN_RUN_TIME,
+) -> dict[str, Timing]:
+    """Times every ``fns[name]`` in turn, one short block of calls each (about
+    :data:`ROUND_ROBIN_BLOCK_SECONDS`, or one call if a call is longer), cycle after cycle,
+    until the cycles have taken ``min_run_time`` seconds per side (and at least
+    :data:`ROUND_ROBIN_MIN_CYCLES` cycles); each side's median and percentiles are over its
+    blocks, in seconds per call.
+
+    For memory-bound steps on a shared machine. The bandwidth left to us here drifts by tens
+    of percent within seconds (the same 16M-element Adam step measured 9.8 ms and 15.0 ms in
+    two runs a minute apart), so sides timed one after the other, or in a few long rounds,
+    compare different machines. Alternating blocks of a few milliseconds gives every side the
+    same mix of quiet and busy moments, and the median of many blocks is then a fair
+    comparison (the stream floor included). CPU only.
+    """
+    for fn in fns.values():
+        for _ in range(WARMUP_CALLS):
+            fn()
+    calls: dict[str, int] = {}
+    for name, fn in fns.items():
+        started = time.perf_counter()
+        fn()
+        single = max(time.perf_counter() - started, 1e-7)
+        calls[name] = max(1, round(ROUND_ROBIN_BLOCK_SECONDS / single))
+    per_call: dict[str, list[float]] = {name: [] for name in fns}
+    budget_end = time.perf_counter() + min_run_time * len(fns)
+    cycles = 0
+    while cycles < ROUND_ROBIN_MIN_CYCLES or time.perf_counter() < budget_end:
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            per_call[name].append((time.perf_counter() - started) / calls[name])
+        cycles += 1
+    timings = {}
+    for name, values in per_call.items():
+        values.sort()
+        timings[name] = Timing(median=statistics.median(values), p20=_quantile(values, 0.2),
+                               p80=_quantile(values, 0.8), blocks=len(values))
+    return timings
+
+
 def stream_probe(num_elements: int, reads: int, writes: int) -> Callable[[], None] | None:
     """The roofline probe on fresh float32 arrays of ``num_elements`` each: ``reads`` streams
     in, ``writes`` of them written back in place. None without the extension."""

@@ -49,12 +49,6 @@ def make_params(shapes, seed: int = 0, device: str = "cpu") -> list[torch.Tensor
     return params
 
 
-# Interleaved timing rounds per row (each side keeps its fastest round): see
-# harness.time_interleaved. Large-tensor rows sit at the memory floor on both sides, where a
-# burst from another process during one side's measurement used to decide the ratio.
-ROUNDS = 3
-
-
 def bench_optimizer(
     name: str,
     *,
@@ -63,11 +57,13 @@ def bench_optimizer(
     compile_baseline: bool = False,
     progress: Callable[[str], None] = print,
     device: str = "cpu",
-    rounds: int = ROUNDS,
 ) -> Iterator[harness.Row]:
-    """Yields one row per workload (so an interrupted run keeps the finished rows). Ours, each
-    torch variant and the stream floor are timed in ``rounds`` interleaved rounds. On CUDA the
-    floor is the measured device-to-device copy bandwidth applied to the same bytes."""
+    """Yields one row per workload (so an interrupted run keeps the finished rows). On the CPU,
+    ours, each torch variant and the stream floor are timed round-robin in short blocks
+    (:func:`~fastmeta.bench.harness.time_round_robin`), ``min_run_time`` seconds per side: the
+    bandwidth of this shared machine drifts too fast for sides timed one after the other. On
+    CUDA each side is timed by ``do_bench`` and the floor is the measured device-to-device copy
+    bandwidth applied to the same bytes."""
     config = CONFIGS[name]
     ours_cls = getattr(fo, name)
     torch_cls = getattr(torch.optim, name)
@@ -96,10 +92,12 @@ def bench_optimizer(
             probe = harness.stream_probe(numel(shapes), reads, writes)
             if probe is not None:
                 steps["floor"] = probe
-        progress(f"{name} on {workload}: timing {', '.join(steps)} ({rounds} interleaved "
-                 f"rounds; floor {reads}R/{writes}W)")
-        timings = harness.time_interleaved(steps, rounds=rounds, min_run_time=min_run_time,
-                                           device=device)
+        progress(f"{name} on {workload}: timing {', '.join(steps)} (round-robin; floor "
+                 f"{reads}R/{writes}W)")
+        if device == "cuda":
+            timings = {side: harness.time_fn(fn, device=device) for side, fn in steps.items()}
+        else:
+            timings = harness.time_round_robin(steps, min_run_time=min_run_time)
         ours = timings.pop("fastmeta")
         floor = harness.cuda_copy_floor(nbytes) if device == "cuda" else timings.pop("floor", None)
         baselines: dict[str, harness.Timing | None] = {
@@ -112,7 +110,7 @@ def bench_optimizer(
             name=f"{name} {workload}", ours=ours, baselines=baselines, floor=floor,
             notes={"tensors": len(shapes), "elements": numel(shapes),
                    "bytes": nbytes, "config": str(config), "device": device,
-                   "rounds": rounds},
+                   "timing": "round-robin" if device != "cuda" else "do_bench"},
         )
 
 
