@@ -12,8 +12,8 @@ MAML (:func:`rows`: inner loop + query loss + meta-gradient + outer step):
 * ``higher``: ``higher.innerloop_ctx`` per task, when higher is installed.
 
 Workloads: the sinusoid MLP (T=25, K=10; 1 and 5 inner steps) and the conv-4 network on 5-way
-1-shot 28x28 episodes (T=8, 1 inner step). Every side of a row is timed in the same interleaved
-rounds (:func:`fastmeta.bench.harness.time_interleaved`).
+1-shot 28x28 episodes (T=8, 1 inner step). The sides of a row take turns, one call or a ~2 ms
+block at a time (:func:`fastmeta.bench.harness.time_round_robin`).
 
 CAVIA (:func:`cavia_rows`: inner loop + query loss + meta-gradient, no outer step, so that only
 the meta-step itself is compared), second order, on the sinusoid (T=25, K=10, 5 context
@@ -45,7 +45,6 @@ CAVIA_CONTEXT = 5
 CAVIA_INNER_LR = 1.0
 # Interleaved timing rounds per side (the best round is kept): the CPU dev machine is shared.
 CAVIA_ROUNDS = 3
-MAML_ROUNDS = 3
 
 
 def _vmap_step(model, loss_fn, steps: int, outer):
@@ -181,10 +180,12 @@ def _row(name: str, make_model: Callable[[], torch.nn.Module], loss_fn, episode,
         model = make_model()
         step = makers[baseline](model, loss_fn, steps, torch.optim.Adam(model.parameters()))
         step_fns[baseline] = lambda s=step: s(episode)
-    best = harness.time_interleaved(step_fns, rounds=MAML_ROUNDS, min_run_time=min_run_time)
-    ours = best.pop("fastmeta")
-    timings.update(best)
-    notes["rounds"] = MAML_ROUNDS
+    # Round-robin, at least ROUND_ROBIN_MIN_CYCLES calls of each side: a conv-4 step takes
+    # about a second, and a best-of-3-calls comparison swung from 0.78x to 1.12x between runs.
+    measured = harness.time_round_robin(step_fns, min_run_time=min_run_time)
+    ours = measured.pop("fastmeta")
+    timings.update(measured)
+    notes["timing"] = "round-robin"
     return harness.Row(name=name, ours=ours, baselines={b: timings[b] for b in baselines},
                        notes=notes)
 
