@@ -73,10 +73,10 @@ def bench_optimizer(
         progress(f"{name} on {workload}: preparing fastmeta and torch "
                  f"{', '.join(TORCH_VARIANTS)}")
         # fastmeta's optimizer is made first, on purpose: on this machine whichever side was
-        # made first ran 5-20% slower on the ResNet-18 list (torch's fused SGD: 71-73% of the
-        # floor made first, 85-86% made second; ours 91% and 92-94%), whatever the timing
-        # order, and allocating and freeing a set of params beforehand did not change that.
-        # Going first keeps our ratios a lower bound.
+        # made first ran 5-20% slower on the ResNet-18 list (torch's fused SGD: 71-77% of the
+        # floor made first, 85-90% made second; ours 88-92% and 93-98%), whatever the timing
+        # order; a set of params allocated beforehand, freed or kept alive, did not take the
+        # penalty instead. Going first keeps our ratios a lower bound.
         steps: dict[str, Callable[[], Any]] = {
             "fastmeta": ours_cls(make_params(shapes, device=device), **config).step,
         }

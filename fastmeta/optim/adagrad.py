@@ -13,7 +13,6 @@ from fastmeta.optim.optimizer import (
     FusedOptimizer,
     as_real,
     check_fused_flags,
-    new_state,
     new_step_counter,
     params_with_grad,
     pick,
@@ -63,12 +62,6 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
                          initial_accumulator_value=initial_accumulator_value, eps=eps,
                          maximize=maximize)
         self.impl = Impl(impl)
-        # torch.optim.Adagrad made every sum on its own; lay each group's out in one buffer
-        # (same values, see new_state).
-        for group in self.param_groups:
-            params = group["params"]
-            for p, total in zip(params, new_state(params, initial_accumulator_value)):
-                self.state[p]["sum"] = total
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Performs a single optimization step (one fused call per param group and device)."""
@@ -89,13 +82,17 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
 
         def prepare(indices, params=params):
             sub = pick(params, indices)
-            fresh = [p for p in sub if len(self.state[p]) == 0]
-            if fresh:  # added by add_param_group: initialised as torch does, in one buffer
-                sums = new_state(fresh, self.defaults["initial_accumulator_value"])
-                for p, total in zip(fresh, sums):
-                    self.state[p]["step"] = new_step_counter(p)
-                    self.state[p]["sum"] = total
-            states = [self.state[p] for p in sub]
+            states = []
+            for p in sub:
+                state = self.state[p]
+                if len(state) == 0:  # added by add_param_group: initialised as torch does
+                    init = self.defaults["initial_accumulator_value"]
+                    state["step"] = new_step_counter(p)
+                    state["sum"] = torch.full_like(
+                        p, complex(init, init) if p.is_complex() else init,
+                        memory_format=torch.preserve_format,
+                    )
+                states.append(state)
             return PreparedStep(
                 "adagrad_step_", adagrad_step_, "adagrad_step", [as_real(p) for p in sub],
                 [("state_sums", [as_real(s["sum"]) for s in states])],

@@ -13,7 +13,6 @@ from fastmeta.optim.optimizer import (
     FusedOptimizer,
     as_real,
     check_fused_flags,
-    new_state,
     new_step_counter,
     params_with_grad,
     pick,
@@ -48,16 +47,18 @@ def _adam_step_group(optimizer, index: int, group: dict, *, name: str, decoupled
 
     def prepare(indices, params=params, amsgrad=amsgrad):
         sub = pick(params, indices)
-        fresh = [p for p in sub if len(optimizer.state[p]) == 0]
-        if fresh:  # torch's zero state, each key in one buffer (see new_state)
-            keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
-            tensors = {key: new_state(fresh) for key in keys}
-            for i, p in enumerate(fresh):
-                state = optimizer.state[p]
+        states = []
+        for p in sub:
+            state = optimizer.state[p]
+            if len(state) == 0:
                 state["step"] = new_step_counter(p)
-                for key in keys:
-                    state[key] = tensors[key][i]
-        states = [optimizer.state[p] for p in sub]
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if amsgrad:
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+            states.append(state)
         return PreparedStep(
             "adam_step_", adam_step_, "adam_step", [as_real(p) for p in sub],
             [("exp_avgs", [as_real(s["exp_avg"]) for s in states]),

@@ -30,7 +30,6 @@ from fastmeta.optim.optimizer import (
     as_real,
     check_fused_flags,
     device_groups,
-    new_state,
     new_step_counter,
     params_with_grad,
     real_grads,
@@ -59,10 +58,8 @@ def _store_lr(group: dict, new_lr: float, hypergradient: float) -> None:
     group["hypergradient"] = hypergradient
 
 
-def _zeros_like(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    # Contiguous whatever the params' layout: the hypergradient kernels take flat state. One
-    # buffer per state key (see new_state).
-    return new_state(params, contiguous=True)
+def _zeros_like(p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(p, memory_format=torch.contiguous_format)
 
 
 class SGDHD(FusedOptimizer, torch.optim.Optimizer):
@@ -162,11 +159,12 @@ class SGDHD(FusedOptimizer, torch.optim.Optimizer):
         def prepare(indices):
             assert indices is None  # one device (checked above)
             buffers = None
-            keys = ["direction"] + (["momentum_buffer"] if momentum != 0 else [])
-            for key in keys:
-                fresh = [p for p in params if self.state[p].get(key) is None]
-                for p, tensor in zip(fresh, _zeros_like(fresh)):
-                    self.state[p][key] = tensor
+            for p in params:
+                state = self.state[p]
+                if "direction" not in state:
+                    state["direction"] = _zeros_like(p)
+                if momentum != 0 and state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = _zeros_like(p)
             if momentum != 0:
                 buffers = [as_real(self.state[p]["momentum_buffer"]) for p in params]
             return PreparedStep(
@@ -250,16 +248,15 @@ class AdamHD(FusedOptimizer, torch.optim.Optimizer):
 
         def prepare(indices):
             assert indices is None  # one device (checked above)
-            fresh = [p for p in params if len(self.state[p]) == 0]
-            if fresh:
-                keys = ("exp_avg", "exp_avg_sq", "direction")
-                tensors = {key: _zeros_like(fresh) for key in keys}
-                for i, p in enumerate(fresh):
-                    state = self.state[p]
+            states = []
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:
                     state["step"] = new_step_counter(p)
-                    for key in keys:
-                        state[key] = tensors[key][i]
-            states = [self.state[p] for p in params]
+                    state["exp_avg"] = _zeros_like(p)
+                    state["exp_avg_sq"] = _zeros_like(p)
+                    state["direction"] = _zeros_like(p)
+                states.append(state)
             return PreparedStep(
                 "adam_hd_step_", adam_hd_step_, "adam_hd_step", [as_real(p) for p in params],
                 [("exp_avgs", [as_real(s["exp_avg"]) for s in states]),

@@ -69,56 +69,6 @@ def new_step_counter(param: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=scalar_dtype(), device=device)
 
 
-# Each param's slice of a state buffer starts on a 64-byte boundary (one cache line), as a
-# tensor of its own would, so the kernels' vector loads never straddle two lines.
-_STATE_ALIGN_BYTES = 64
-
-
-def new_state(params: Sequence[torch.Tensor], fill: float = 0.0, *,
-              contiguous: bool = False) -> list[torch.Tensor]:
-    """One fresh state tensor per param, filled with ``fill`` (complex params: ``fill + fill·i``,
-    as torch.optim's Adagrad does), laid out back to back in **one buffer per dtype and
-    device**, each slice starting on a cache line.
-
-    torch.optim allocates each state tensor on its own (``zeros_like(p,
-    memory_format=torch.preserve_format)``). To everyone else these are the same: ordinary
-    tensors of the param's shape and dtype, in ``state_dict()`` and after loading it into
-    ``torch.optim``. What changes is the memory a fused step streams through: one pass walks
-    every param with its state, and contiguous state streams keep the hardware prefetchers
-    running from tensor to tensor. Measured on the ResNet-18-shaped list (62 tensors, 11.7M
-    elements), SGD with momentum went from 87-91% to 93-96% of the 3-read/2-write stream floor
-    with the buffers laid out this way (benchmarks/bench_sgd.py's workload).
-
-    Params that are not contiguous (channels_last, for instance) get a tensor of their own with
-    their strides, as torch does, unless ``contiguous`` asks for contiguous state anyway. Note
-    that ``torch.save`` of a single state tensor saves its whole buffer (saving the
-    ``state_dict`` stores each buffer once).
-    """
-    out: list[torch.Tensor | None] = [None] * len(params)
-    carve: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for i, p in enumerate(params):
-        if contiguous or p.is_contiguous():
-            carve.setdefault((p.dtype, p.device), []).append(i)
-        else:
-            value = complex(fill, fill) if p.is_complex() else fill
-            out[i] = torch.full_like(p, value, memory_format=torch.preserve_format)
-    for (dtype, device), indices in carve.items():
-        align = max(1, _STATE_ALIGN_BYTES // params[indices[0]].element_size())
-        starts, total = [], 0
-        for i in indices:
-            starts.append(total)
-            total += -(-params[i].numel() // align) * align
-        # Over-allocate one line so the first slice can start on a line whatever the allocator
-        # returned.
-        buffer = torch.empty(total + align, dtype=dtype, device=device)
-        skip = ((-buffer.data_ptr()) % _STATE_ALIGN_BYTES) // buffer.element_size()
-        buffer = buffer[skip:skip + total]
-        buffer.fill_(complex(fill, fill) if dtype.is_complex else fill)
-        for i, start in zip(indices, starts):
-            out[i] = buffer[start:start + params[i].numel()].view(params[i].shape)
-    return out  # type: ignore[return-value]
-
-
 def as_real(t: torch.Tensor) -> torch.Tensor:
     """Complex tensors are updated as their real views, as torch.optim does."""
     return torch.view_as_real(t) if t.is_complex() else t

@@ -13,7 +13,6 @@ from fastmeta.optim.optimizer import (
     FusedOptimizer,
     as_real,
     check_fused_flags,
-    new_state,
     new_step_counter,
     params_with_grad,
     pick,
@@ -88,17 +87,18 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
 
         def prepare(indices, params=params, momentum=momentum, centered=centered):
             sub = pick(params, indices)
-            fresh = [p for p in sub if len(self.state[p]) == 0]
-            if fresh:  # every RMSprop state starts at zero; each key in one buffer (new_state)
-                keys = (["square_avg"] + (["momentum_buffer"] if momentum > 0 else [])
-                        + (["grad_avg"] if centered else []))
-                tensors = {key: new_state(fresh) for key in keys}
-                for i, p in enumerate(fresh):
-                    state = self.state[p]
+            states = []
+            for p in sub:
+                state = self.state[p]
+                if len(state) == 0:
+                    zeros = torch.zeros_like  # every RMSprop state starts at zero
                     state["step"] = new_step_counter(p)
-                    for key in keys:
-                        state[key] = tensors[key][i]
-            states = [self.state[p] for p in sub]
+                    state["square_avg"] = zeros(p, memory_format=torch.preserve_format)
+                    if momentum > 0:
+                        state["momentum_buffer"] = zeros(p, memory_format=torch.preserve_format)
+                    if centered:
+                        state["grad_avg"] = zeros(p, memory_format=torch.preserve_format)
+                states.append(state)
             return PreparedStep(
                 "rmsprop_step_", rmsprop_step_, "rmsprop_step", [as_real(p) for p in sub],
                 [("square_avgs", [as_real(s["square_avg"]) for s in states]),

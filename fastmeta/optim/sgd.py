@@ -13,7 +13,6 @@ from fastmeta.optim.optimizer import (
     FusedOptimizer,
     as_real,
     check_fused_flags,
-    new_state,
     params_with_grad,
     pick,
     real_grads,
@@ -113,10 +112,14 @@ class SGD(FusedOptimizer, torch.optim.SGD):
             sub = pick(params, indices)
             buffers = None
             if momentum != 0:
-                fresh = [p for p in sub if self.state[p].get("momentum_buffer") is None]
-                for p, buffer in zip(fresh, new_state(fresh)):  # one buffer: see new_state
-                    self.state[p]["momentum_buffer"] = buffer
-                buffers = [as_real(self.state[p]["momentum_buffer"]) for p in sub]
+                buffers = []
+                for p in sub:
+                    state = self.state[p]
+                    if state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format
+                        )
+                    buffers.append(as_real(state["momentum_buffer"]))
             return PreparedStep("sgd_step_", sgd_step_, "sgd_step", [as_real(p) for p in sub],
                                 [("momentum_buffers", buffers)], None, impl=self.impl,
                                 watch_state=False)
