@@ -130,6 +130,11 @@ def time_round_robin(
     compare different machines. Alternating blocks of a few milliseconds gives every side the
     same mix of quiet and busy moments, and the median of many blocks is then a fair
     comparison (the stream floor included). CPU only.
+
+    The blocks are timed with ``time.perf_counter`` in this process, whose torch and OpenMP
+    thread counts are left at their defaults (every core), which is what ``time_fn``'s
+    ``Timer(..., num_threads=torch.get_num_threads())`` asks for; ``Timer.timeit`` itself
+    would add at least two warm-up calls to every block (a conv-4 MAML step takes a second).
     """
     for fn in fns.values():
         for _ in range(WARMUP_CALLS):
