@@ -26,9 +26,12 @@ rounding: about 1e-7 relative in float32 after 50 sinusoid MAML iterations on 2 
 float64 (``tests/test_distributed.py`` measures it).
 
 Faults: every collective runs under the process group's timeout (:data:`DEFAULT_TIMEOUT_S`,
-``timeout_s=``), and a failed or timed-out collective raises :class:`DistributedError`, which
-names the collective, this rank and the peer error. A peer that died is usually reported at
-once (its sockets close); one that hangs is reported when the timeout expires.
+``timeout_s=``), and with gloo a failed or timed-out collective raises
+:class:`DistributedError`, which names the collective, this rank and the peer error. A peer
+that died is usually reported at once (its sockets close); one that hangs is reported when the
+timeout expires. With NCCL the timeout is enforced by torch's NCCL watchdog, which by default
+aborts the process rather than raising: the job still ends instead of hanging, but without
+this module's message (only the gloo path is tested here; no GPU was available).
 
 Backends: gloo for tensors on the CPU, NCCL for CUDA (each process on the GPU of its
 ``LOCAL_RANK``).
@@ -446,7 +449,10 @@ def all_reduce_gradients(
             bucket[n + k:].copy_(extra_t)
         with _collective(f"all_reduce of the meta-gradient ({n} elements)"):
             dist.all_reduce(bucket, op=dist.ReduceOp.SUM)
-        for p, view, count in zip(params, views, present.tolist()):
+            # Reading the result waits for it (NCCL only queues the collective), so a failure
+            # surfaces here too.
+            counts = present.tolist()
+        for p, view, count in zip(params, views, counts):
             if count == 0:
                 continue
             if p.grad is None:

@@ -50,10 +50,12 @@ def test_maml_baselines_compute_fastmetas_meta_gradient(baseline, steps):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_batched_eager_baseline_refuses_a_model_it_does_not_write():
+def test_batched_eager_baseline_refuses_what_it_does_not_write():
     model = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     with pytest.raises(ValueError, match="Linear/ReLU MLPs"):
         bench._batched_eager_step(model, F.mse_loss, 1, _Capture(model.parameters()))
+    with pytest.raises(ValueError, match="F.mse_loss"):
+        bench._batched_eager_step(MLP(), F.l1_loss, 1, _Capture(MLP().parameters()))
 
 
 @pytest.mark.parametrize("baseline", ["torch.func vmap", "batched eager"])

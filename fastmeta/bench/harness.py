@@ -119,7 +119,8 @@ def time_round_robin(
     min_run_time: float = DEFAULT_MIN_RUN_TIME,
 ) -> dict[str, Timing]:
     """Times every ``fns[name]`` in turn, one short block of calls each (about
-    :data:`ROUND_ROBIN_BLOCK_SECONDS`, or one call if a call is longer), cycle after cycle,
+    :data:`ROUND_ROBIN_BLOCK_SECONDS`, or one call if a call is longer), cycle after cycle (each
+    cycle starting one side later),
     until the cycles have taken ``min_run_time`` seconds per side (and at least
     :data:`ROUND_ROBIN_MIN_CYCLES` cycles); each side's median and percentiles are over its
     blocks, in seconds per call.
@@ -148,11 +149,15 @@ def time_round_robin(
     per_call: dict[str, list[float]] = {name: [] for name in fns}
     budget_end = time.perf_counter() + min_run_time * len(fns)
     cycles = 0
+    names = list(fns)
     while cycles < ROUND_ROBIN_MIN_CYCLES or time.perf_counter() < budget_end:
-        for name, fn in fns.items():
+        # Each cycle starts one side later, so that no side always follows the same other
+        # (whose data then fills the caches, or whose dirty lines it has to write back).
+        for i in range(len(names)):
+            name = names[(cycles + i) % len(names)]
             started = time.perf_counter()
             for _ in range(calls[name]):
-                fn()
+                fns[name]()
             per_call[name].append((time.perf_counter() - started) / calls[name])
         cycles += 1
     timings = {}

@@ -480,7 +480,7 @@ def train(config: Mapping[str, Any], *, resume: bool = False, quiet: bool = Fals
     out = Path(config["out"])
     checkpoint = out / "checkpoint.pt"
     if ctx is not None:
-        check_same_config(config, ignore=("out",))
+        check_same_config({**config, "resume": resume}, ignore=("out",))
         owned_tasks(config["meta_batch"])  # every rank needs a problem: fail early
     if main:
         out.mkdir(parents=True, exist_ok=True)

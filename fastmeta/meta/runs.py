@@ -286,7 +286,7 @@ def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False,
     checkpoint = out / "checkpoint.pt"
     if ctx is not None:
         # A path may differ from machine to machine; everything else must agree.
-        check_same_config(config, ignore=("out", "omniglot_root"))
+        check_same_config({**config, "resume": resume}, ignore=("out", "omniglot_root"))
         share = owned_tasks(config["meta_batch"])
     if main:
         out.mkdir(parents=True, exist_ok=True)
