@@ -43,8 +43,6 @@ INNER_LR = 0.01
 # Zintgraf et al. 2019's sinusoid setting: 5 context params, inner lr 1.0.
 CAVIA_CONTEXT = 5
 CAVIA_INNER_LR = 1.0
-# Interleaved timing rounds per side (the best round is kept): the CPU dev machine is shared.
-CAVIA_ROUNDS = 3
 
 
 def _vmap_step(model, loss_fn, steps: int, outer):
@@ -272,7 +270,7 @@ def _cavia_batched_eager_step(model, episode, steps: int):
     return step
 
 
-def cavia_rows(*, min_run_time: float, rounds: int = CAVIA_ROUNDS) -> Iterator[harness.Row]:
+def cavia_rows(*, min_run_time: float) -> Iterator[harness.Row]:
     from fastmeta.tasks import SinusoidTasks
 
     episode = SinusoidTasks(seed=0).sample(25, shots=10)
@@ -283,9 +281,9 @@ def cavia_rows(*, min_run_time: float, rounds: int = CAVIA_ROUNDS) -> Iterator[h
     for name, maker in makers.items():
         torch.manual_seed(0)
         step_fns[name] = maker(MLP(in_features=1 + CAVIA_CONTEXT), episode, steps)
-    best = harness.time_interleaved(step_fns, rounds=rounds, min_run_time=min_run_time)
-    ours = best.pop("fastmeta")
+    measured = harness.time_round_robin(step_fns, min_run_time=min_run_time)
+    ours = measured.pop("fastmeta")
     yield harness.Row(name=f"CAVIA sinusoid T=25 K=10 d={CAVIA_CONTEXT}, {steps} step",
-                      ours=ours, baselines=dict(best),
+                      ours=ours, baselines=dict(measured),
                       notes={"measured": "forward + meta-gradient, second order, no outer step",
-                             "rounds": rounds})
+                             "timing": "round-robin"})
