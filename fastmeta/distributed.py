@@ -157,6 +157,14 @@ def _check_timeout(timeout_s: float) -> float:
     return float(timeout_s)
 
 
+def _check_rank(rank: Any, world_size: Any) -> None:
+    for name, value, least in (("world_size", world_size, 1), ("rank", rank, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if rank >= world_size:
+        raise ValueError(f"rank must be < world_size, got rank={rank}, world_size={world_size}")
+
+
 def _backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -208,11 +216,7 @@ def init(
     timeout_s = _check_timeout(timeout_s)
     rank = _env_int("RANK") if rank is None else rank
     world_size = _env_int("WORLD_SIZE") if world_size is None else world_size
-    for name, value, least in (("world_size", world_size, 1), ("rank", rank, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-    if rank >= world_size:
-        raise ValueError(f"rank must be < world_size, got rank={rank}, world_size={world_size}")
+    _check_rank(rank, world_size)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if init_method is None:
         missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
@@ -321,12 +325,9 @@ def owned_tasks(num_tasks: int, *, rank: int | None = None,
         here = (dist.get_rank(), dist.get_world_size()) if is_initialized() else (0, 1)
         rank = here[0] if rank is None else rank
         world_size = here[1] if world_size is None else world_size
-    for name, value, least in (("num_tasks", num_tasks, 1), ("world_size", world_size, 1),
-                               ("rank", rank, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-    if rank >= world_size:
-        raise ValueError(f"rank must be < world_size, got rank={rank}, world_size={world_size}")
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be an int >= 1, got {num_tasks!r}")
+    _check_rank(rank, world_size)
     if num_tasks < world_size:
         raise ValueError(f"a meta-batch of {num_tasks} task(s) cannot be split across "
                          f"{world_size} processes: every process needs at least one task "

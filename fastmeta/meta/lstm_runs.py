@@ -45,11 +45,9 @@ from fastmeta.backends import Impl
 from fastmeta.distributed import (
     all_reduce_gradients,
     broadcast_parameters,
-    check_same_config,
     on_main,
     owned_tasks,
 )
-from fastmeta.distributed import context as distributed_context
 from fastmeta.meta.lstm_optimizer import LSTMOptimizer
 from fastmeta.meta.lstm_training import (
     DigitsMLPProblems,
@@ -67,6 +65,7 @@ from fastmeta.meta.training import (
     restore,
     save_checkpoint,
     seed_everything,
+    start_run,
 )
 from fastmeta.optim import Adam
 
@@ -474,16 +473,9 @@ def train(config: Mapping[str, Any], *, resume: bool = False, quiet: bool = Fals
             process group's timeout); the last checkpoint stays valid.
     """
     config = dict(config)
-    ctx = distributed_context() if distributed else None
-    main = ctx is None or ctx.is_main
-    quiet = quiet or not main
+    ctx, main, quiet = start_run(config, resume=resume, quiet=quiet, distributed=distributed)
     out = Path(config["out"])
     checkpoint = out / "checkpoint.pt"
-    if ctx is not None:
-        check_same_config({**config, "resume": resume}, ignore=("out",))
-        owned_tasks(config["meta_batch"])  # every rank needs a problem: fail early
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     family = FAMILIES[config["problem"]]
     seed_everything(config["seed"])
     rule = build(config)

@@ -26,11 +26,9 @@ import torch.nn.functional as F
 from fastmeta.distributed import (
     all_reduce_gradients,
     broadcast_parameters,
-    check_same_config,
     on_main,
     owned_tasks,
 )
-from fastmeta.distributed import context as distributed_context
 from fastmeta.meta.cavia import CAVIA, CAVIAOutput
 from fastmeta.meta.maml import MAML
 from fastmeta.meta.networks import MLP, Conv4, FiLMConv4
@@ -44,6 +42,7 @@ from fastmeta.meta.training import (
     restore,
     save_checkpoint,
     seed_everything,
+    start_run,
 )
 from fastmeta.optim import Adam
 
@@ -279,17 +278,12 @@ def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False,
         fastmeta.distributed.DistributedError: another process died or hung (after the
             process group's timeout); the last checkpoint stays valid.
     """
-    ctx = distributed_context() if distributed else None
-    main = ctx is None or ctx.is_main
-    quiet = quiet or not main
+    # A path may differ from machine to machine; everything else must agree.
+    ctx, main, quiet = start_run(config, resume=resume, quiet=quiet, distributed=distributed,
+                                 machine_specific=("out", "omniglot_root"))
+    share = owned_tasks(config["meta_batch"]) if ctx is not None else None
     out = Path(config["out"])
     checkpoint = out / "checkpoint.pt"
-    if ctx is not None:
-        # A path may differ from machine to machine; everything else must agree.
-        check_same_config({**config, "resume": resume}, ignore=("out", "omniglot_root"))
-        share = owned_tasks(config["meta_batch"])
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     seed_everything(config["seed"])
     learner = build(config)
     outer = Adam(learner.parameters(), lr=config["outer_lr"])

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastmeta import distributed as dist_runs
+
 __all__ = [
     "CheckpointError",
     "MeanCI",
@@ -102,6 +104,38 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
+
+
+class RunStart(NamedTuple):
+    """Where a training run stands in its job: see :func:`start_run`."""
+
+    #: the process group's description, or None for a single-process run.
+    context: dist_runs.DistributedContext | None
+    #: whether this process reads and writes the run folder and reports (rank 0, or alone).
+    main: bool
+    #: no progress bar and no messages (asked for, or not the main process).
+    quiet: bool
+
+
+def start_run(config: Mapping[str, Any], *, resume: bool, quiet: bool, distributed: bool,
+              machine_specific: Sequence[str] = ("out",)) -> RunStart:
+    """What every ``train`` does first. With ``distributed``, every process must have been
+    given the same config and ``resume`` (``machine_specific`` keys, such as paths, aside), and
+    a meta-batch of ``config["meta_batch"]`` must give every process a task; the main process
+    then makes the run folder.
+
+    Raises:
+        ValueError: processes given different options, or too few tasks for them.
+        RuntimeError: ``distributed`` without a process group.
+    """
+    context = dist_runs.context() if distributed else None
+    main = context is None or context.is_main
+    if context is not None:
+        dist_runs.check_same_config({**config, "resume": resume}, ignore=machine_specific)
+        dist_runs.owned_tasks(config["meta_batch"])  # every process needs a task: fail early
+    if main:
+        Path(config["out"]).mkdir(parents=True, exist_ok=True)
+    return RunStart(context, main, quiet or not main)
 
 
 class CheckpointError(RuntimeError):
