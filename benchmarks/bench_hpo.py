@@ -2,9 +2,10 @@
 training steps of momentum SGD with per-layer lr and weight decay, the validation loss, and its
 gradient w.r.t. the hyperparameters through all K steps) on the digits MLP.
 
-* fastmeta: the flat parameter buffer, one fused differentiable
-  :func:`fastmeta.functional.momentum` call per training step
-  (:func:`fastmeta.hpo.unrolled_validation_loss`);
+* fastmeta: :func:`fastmeta.hpo.unrolled_validation_loss` on the flat parameter buffer. The
+  digits model is a plain MLP, so the K steps run as one autograd node: the fused momentum
+  kernels, with the training gradients and (in the backward) the Hessian-vector products
+  written by hand (:mod:`fastmeta.fused_mlp`) instead of a per-step autograd graph;
 * eager (per tensor): the same maths in plain eager autograd, one tensor per parameter and
   ``p - lr * b`` steps through :func:`torch.func.functional_call`
   (:func:`fastmeta.hpo.unrolled_validation_loss_reference`), as a user would write it;
@@ -60,9 +61,13 @@ def hyper_steps(task: hpo.HPOTask, unroll: int, impl: str):
     chunk = [(task.train[0][i], task.train[1][i]) for i in (next(batches)
                                                              for _ in range(unroll))]
 
+    start = theta.detach()  # as hypergrad_search passes it: only z's gradient is wanted
+
     def fused():
         lr, mu, wd = reparam.decode(z)
-        val, _, _ = hpo.unrolled_validation_loss(model, layout, theta, buffer, lr[index], mu,
+        # θ_0 without requires_grad tells fastmeta's unroll that θ̄_0 is not wanted; the eager
+        # sides need it for autograd.grad, whose engine skips θ̄_0 by itself.
+        val, _, _ = hpo.unrolled_validation_loss(model, layout, start, buffer, lr[index], mu,
                                                  wd, chunk, task.val, impl=impl)
         return torch.autograd.grad(val, z)[0]
 

@@ -22,7 +22,9 @@ search space's box :math:`[a, b]` (:class:`Reparametrization`):
 
 A hyper-step runs K training steps from the carried state :math:`(\\theta_0, b_0)`, with the
 fused, differentiable momentum step of :func:`fastmeta.functional.momentum` on the flat
-parameter buffer (the per-layer lr expanded to a per-element lr),
+parameter buffer (the per-layer lr expanded to a per-element lr; for an MLP the K steps are one
+autograd node, with the training gradients and their second-order terms written by hand in
+:mod:`fastmeta.fused_mlp`),
 
 .. math::
     \\begin{aligned}
@@ -65,8 +67,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmeta.functional as FF
+from fastmeta._autograd import Function
 from fastmeta.backends import Impl
 from fastmeta.flat import FlatLayout
+from fastmeta.fused_mlp import MLPSpec, UnsupportedModel
+from fastmeta.ops import tensor_lists as tl
+from fastmeta.ops.sgd import SGD_RULE
 from fastmeta.optim import SGD, Adam
 
 __all__ = [
@@ -398,24 +404,53 @@ def unrolled_validation_loss(
     val: Split,
     *,
     impl: Impl | str = Impl.AUTO,
+    fused_model: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """K = ``len(batches)`` differentiable momentum-SGD steps on the flat buffer, one fused
-    :func:`fastmeta.functional.momentum` call each, then the validation loss.
+    """K = ``len(batches)`` differentiable momentum-SGD steps on the flat buffer, each with the
+    fused kernels of :func:`fastmeta.functional.momentum`, then the validation loss.
+
+    Two paths compute the same thing. For a plain MLP (an ``nn.Sequential`` of ``nn.Linear``
+    with ReLU/tanh/sigmoid between them, see :class:`fastmeta.fused_mlp.MLPSpec`) the K steps
+    are one autograd node: the training gradients and, in the backward, the Hessian-vector
+    products they need are computed by hand (:mod:`fastmeta.fused_mlp`), with no per-step
+    autograd graph. That node is differentiable once: a backward through it with
+    ``create_graph=True`` raises. Any other model runs one
+    :func:`fastmeta.functional.momentum` call per step on the gradient from
+    ``torch.autograd.grad(..., create_graph=True)``, which is differentiable to any order.
+    The validation loss is ordinary autograd on both paths.
 
     Args:
         model: the module ``layout`` describes (its parameters are not used).
-        theta: ``[N]`` parameters at the start, with ``requires_grad`` (a leaf or not).
+        theta: ``[N]`` parameters at the start; give it ``requires_grad`` only if the
+            gradient w.r.t. θ_0 is wanted (on the MLP path it costs one more Hessian-vector
+            product).
         momentum_buffer: ``[N]``, or None at the start of a run (torch's first step).
         lr: ``[N]``, one lr per element (see :class:`Reparametrization` and
-            :func:`layer_groups` for the per-layer expansion).
-        momentum, weight_decay: () tensors.
+            :func:`layer_groups` for the per-layer expansion), or a number.
+        momentum, weight_decay: () tensors, or numbers.
         batches: the K training minibatches.
         val: the validation set.
+        impl: the implementation of the fused steps.
+        fused_model: None takes the MLP path wherever it applies (for the model, and for
+            batches of ``[B, in]`` inputs, needing no gradient, with int64 labels in range);
+            True requires it; False never takes it.
 
     Returns:
         ``(validation loss, θ_K, b_K)``, differentiable w.r.t. every tensor input.
+
+    Raises:
+        fastmeta.fused_mlp.UnsupportedModel: ``fused_model=True`` and the MLP path does not
+            apply; the message says why.
     """
+    spec = _fused_mlp_spec(model, layout, batches, fused_model)
+    if spec is not None:
+        theta, buffer = _unrolled_mlp(spec, layout, theta, momentum_buffer, lr, momentum,
+                                      weight_decay, batches, impl)
+        val_loss = _validation_loss(layout.call_unchecked(model, theta, (val[0],)), val[1])
+        return val_loss, theta, buffer
     state = None if momentum_buffer is None else FF.MomentumState(momentum_buffer)
+    if not theta.requires_grad:  # autograd.grad needs it; θ̄_0 itself is then never formed
+        theta = theta.detach().requires_grad_()
     for x, y in batches:
         loss = F.cross_entropy(layout.call_unchecked(model, theta, (x,)), y)
         (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
@@ -423,6 +458,178 @@ def unrolled_validation_loss(
                                    weight_decay=weight_decay, impl=impl)
     val_loss = _validation_loss(layout.call_unchecked(model, theta, (val[0],)), val[1])
     return val_loss, theta, state.momentum_buffer
+
+
+def _fused_mlp_spec(model: nn.Module, layout: FlatLayout, batches: Sequence[Split],
+                    fused_model: bool | None) -> MLPSpec | None:
+    """The MLP whose training :func:`_unrolled_mlp` runs, or None for the per-step path."""
+    if fused_model is not None and not isinstance(fused_model, bool):
+        raise TypeError(f"fused_model must be None, True or False, got {fused_model!r}")
+    if fused_model is False:
+        return None
+    try:
+        if torch._C._are_functorch_transforms_active():
+            raise UnsupportedModel("torch.func transforms are active (the fused unroll is a "
+                                   "once-differentiable autograd.Function)")
+        spec = MLPSpec.of(model, layout)
+        if not batches:
+            raise UnsupportedModel("there are no training batches")
+        for k, (x, y) in enumerate(batches):
+            spec.check_batch(x, y, dtype=layout.dtype, device=layout.device,
+                             name=f"batches[{k}]")
+        # One check for all K batches (one sync on a GPU). F.cross_entropy ignores the label
+        # -100 (its ignore_index); the per-step path handles that, the MLP path does not.
+        low, high = torch.aminmax(torch.cat([y for _, y in batches]))
+        if low < 0 or high >= spec.classes:
+            raise UnsupportedModel(f"a training label lies outside [0, {spec.classes})")
+    except UnsupportedModel as e:
+        if fused_model:
+            raise UnsupportedModel(f"unrolled_validation_loss: fused_model=True but {e}") from e
+        return None
+    return spec
+
+
+@dataclass(frozen=True)
+class _UnrollPlan:
+    """The non-tensor inputs of :class:`_UnrolledMLP`."""
+
+    spec: MLPSpec
+    batches: tuple[Split, ...]
+    first: tl.StepConfig  # step 1's (without a buffer when the run starts here)
+    later: tl.StepConfig
+
+    def config(self, k: int) -> tl.StepConfig:
+        return self.first if k == 0 else self.later
+
+
+def _unrolled_mlp(spec: MLPSpec, layout: FlatLayout, theta: torch.Tensor,
+                  buffer: torch.Tensor | None, lr, momentum, weight_decay,
+                  batches: Sequence[Split], impl: Impl | str):
+    """Validates the hyperparameters as :func:`fastmeta.functional.momentum` does, builds the
+    two step configurations once, and applies :class:`_UnrolledMLP`: ``(θ_K, b_K)``."""
+    op = "momentum"
+    layout.check(theta, name="theta", tasks=0)
+    if tl.is_zero(momentum):
+        raise ValueError(f"{op}: momentum must not be 0 (use sgd for plain gradient descent)")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum)):
+        if not isinstance(value, torch.Tensor) and value < 0.0:
+            raise ValueError(f"{op}: {name} must be >= 0, got {value}")
+    # The training gradients are made inside the unroll; θ stands in for them in the checks.
+    first, hypers = tl.prepare_step(
+        SGD_RULE, op, impl, theta, theta, {"momentum_buffer": buffer},
+        dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=0.0),
+        dict(nesterov=False, maximize=False, has_momentum=True))
+    later = first
+    if buffer is None:  # steps after the first carry a buffer
+        later = tl.StepConfig(first.op, first.impl, first.floats, first.tensor_names,
+                              first.flags, (True,), first.needs_param)
+    plan = _UnrollPlan(spec, tuple(batches), first, later)
+    return _UnrolledMLP.apply(plan, theta, buffer, *hypers)
+
+
+def _reference_step_vjp(cfg: tl.StepConfig, theta, grad, buffer, hypers, grad_outputs,
+                        needs):
+    """The VJP of one momentum step of the reference implementation: autograd of the
+    reference step, ``[θ̄, ḡ, b̄, *hyperparameter gradients]``."""
+    return tl._reference_vjp(SGD_RULE, cfg, theta, grad, [buffer], [h.detach() for h in hypers],
+                             grad_outputs, needs, theta.shape)
+
+
+class _UnrolledMLP(Function):
+    """K momentum-SGD training steps of an MLP (:class:`fastmeta.fused_mlp.MLPSpec`) as one
+    autograd node: ``(plan, θ_0, b_0 or None, *tensor hyperparameters) -> (θ_K, b_K)``.
+
+    Forward, for k = 0..K-1, with no autograd graph: :math:`g_k = \\nabla \\ell(\\theta_k;
+    B_k)` by hand, then the fused momentum step :math:`(\\theta_{k+1}, b_{k+1}) =
+    S(\\theta_k, g_k, b_k)`; it keeps every :math:`\\theta_k, b_k, g_k` and the activations.
+
+    Backward, for k = K-1..0, from :math:`(\\bar\\theta_{k+1}, \\bar b_{k+1})`:
+
+    .. math::
+        (\\bar\\theta^S_k, \\bar g_k, \\bar b_k, \\bar h_k) = S_k^{\\top}
+            (\\bar\\theta_{k+1}, \\bar b_{k+1}), \\qquad
+        \\bar\\theta_k = \\bar\\theta^S_k + H(\\theta_k)\\,\\bar g_k
+
+    (the fused kernel's VJP, then the Hessian-vector product), and the hyperparameters'
+    :math:`\\bar h_k` summed over k.
+
+    The backward is not itself differentiable, so a backward with ``create_graph=True``
+    raises at once. torch's ``@once_differentiable`` is not enough: the node it puts on the
+    gradients has no edge to the inputs, so a second derivative w.r.t. z (upstream of the lr)
+    never runs it, and silently lacks this node's terms.
+
+    The trajectory (θ_k, b_k, g_k and each step's activations) lives on ``ctx``, not in
+    ``save_for_backward``: it is made here, and no one else holds it.
+    """
+
+    @staticmethod
+    def forward(ctx, plan: _UnrollPlan, theta, buffer, *hypers):
+        ctx.save_for_backward(theta, buffer, *hypers)  # inputs: autograd checks their versions
+        ctx.plan = plan
+        # The fused kernels with their hyperparameter table made once for the K steps (the
+        # reference implementation runs tl.step_forward's reference branch instead).
+        ctx.kernels = None
+        if plan.first.impl is not Impl.REFERENCE:
+            ctx.kernels = tl.StepKernels(SGD_RULE, plan.first, hypers, theta)
+        ctx.thetas, ctx.buffers, ctx.grads, ctx.tapes = [], [], [], []
+        for k, (x, y) in enumerate(plan.batches):
+            if k > 0:
+                ctx.thetas.append(theta)
+                ctx.buffers.append(buffer)
+            grad, tape = plan.spec.loss_grad(theta, x, y)
+            ctx.grads.append(grad)
+            ctx.tapes.append(tape)
+            if ctx.kernels is None:
+                theta, buffer = tl.step_forward(SGD_RULE, plan.config(k), theta, grad,
+                                                [buffer], hypers)
+            else:
+                theta, buffer = ctx.kernels.forward(plan.config(k), theta, grad, [buffer])
+        return theta, buffer
+
+    @staticmethod
+    def backward(ctx, theta_bar, buffer_bar):
+        if torch.is_grad_enabled():  # create_graph=True
+            raise RuntimeError(
+                "unrolled_validation_loss: the fused MLP unroll is differentiable once, and "
+                "this backward has create_graph=True (for a second derivative); pass "
+                "fused_model=False to take the per-step path, which is differentiable to any "
+                "order")
+        plan = ctx.plan
+        theta0, buffer0, *hypers = ctx.saved_tensors
+        thetas, buffers = [theta0, *ctx.thetas], [buffer0, *ctx.buffers]
+        need_theta0, need_buffer0, *need_hypers = ctx.needs_input_grad[1:]
+        steps = len(plan.batches)
+        kernels = ctx.kernels
+        hyper_bars: list[torch.Tensor | None] = [None] * len(hypers)
+        if kernels is not None:  # every step adds to these; summed once at the end
+            d_lr, d_tables = kernels.new_lr_grad(), kernels.new_table_grads(steps)
+        for k in range(steps - 1, -1, -1):
+            # θ̄_0 and b̄_0 only where asked for: at k = 0 the HVP may be skipped.
+            want_theta = k > 0 or need_theta0
+            want_buffer = buffers[k] is not None and (k > 0 or need_buffer0)
+            needs = (want_theta, want_theta, want_buffer)
+            if kernels is None:
+                d_theta, d_grad, d_buffer, *d_hypers = _reference_step_vjp(
+                    plan.config(k), thetas[k], ctx.grads[k], buffers[k], hypers,
+                    [theta_bar, buffer_bar], (*needs, *need_hypers))
+                for i, d in enumerate(d_hypers):
+                    if d is not None:
+                        hyper_bars[i] = d if hyper_bars[i] is None else hyper_bars[i].add_(d)
+            else:
+                d_theta, d_grad, d_buffer = kernels.backward(
+                    plan.config(k), thetas[k], ctx.grads[k], [buffers[k]],
+                    [theta_bar, buffer_bar], needs, d_lr, d_tables[k])
+            if want_theta:
+                # Not in place on d_theta: without weight decay it is θ̄_{k+1} itself.
+                theta_bar = plan.spec.hvp(thetas[k], ctx.tapes[k], d_grad)
+                if d_theta is not None:  # None: no θ̄_{k+1} and no weight decay
+                    theta_bar.add_(d_theta)
+            buffer_bar = d_buffer
+        if kernels is not None:
+            hyper_bars = [d if need else None for d, need in zip(
+                kernels.hyper_grads(plan.later, hypers, d_lr, d_tables.sum(0)), need_hypers)]
+        return (None, theta_bar if need_theta0 else None, buffer_bar if need_buffer0 else None,
+                *hyper_bars)
 
 
 def unrolled_validation_loss_reference(
@@ -602,7 +809,7 @@ def hypergrad_search(
     while room_for_round():
         round_index += 1
         round_seed = seed * 1_000_003 + round_index
-        theta = layout.flatten(task.model(round_seed)).requires_grad_()
+        theta = layout.flatten(task.model(round_seed))  # no θ̄_0 wanted: only z's gradient
         buffer = None
         batches = task.batches(round_seed + 1)
         done = 0
@@ -628,7 +835,7 @@ def hypergrad_search(
             z.grad = hypergrad
             outer.step()
             hyper_steps += 1
-            theta = theta_k.detach().requires_grad_()
+            theta = theta_k.detach()
             buffer = buffer_k.detach()
             if progress is not None:
                 report(f"hypergrad: round {round_index}, step {done}/{task.steps}, "

@@ -16,6 +16,7 @@ from fastmeta import backends, hpo
 from fastmeta.backends import Impl
 from fastmeta.cli import main
 from fastmeta.flat import FlatLayout
+from fastmeta.fused_mlp import UnsupportedModel
 from tests.conftest import impl_param
 
 # The issue's bound for the hypergradient against the eager implementation, in float64.
@@ -38,7 +39,8 @@ def _tiny_task(steps: int = 6, dtype: torch.dtype = torch.float32) -> hpo.HPOTas
                        batch_size=16)
 
 
-def _hypergrads(task: hpo.HPOTask, z: torch.Tensor, *, segments: int, unroll: int):
+def _hypergrads(task: hpo.HPOTask, z: torch.Tensor, *, segments: int, unroll: int,
+                fused_model: bool | None = None):
     """The hypergradient of each of ``segments`` truncated segments, carrying the state, by
     the fused path and by eager autograd; returns both lists and the final params."""
     model = task.model(0)
@@ -58,7 +60,8 @@ def _hypergrads(task: hpo.HPOTask, z: torch.Tensor, *, segments: int, unroll: in
         zf = z.clone().requires_grad_()
         lr, mu, wd = reparam.decode(zf)
         val, theta_k, buffer_k = hpo.unrolled_validation_loss(
-            model, layout, theta, buffer, lr[index], mu, wd, chunk, task.val)
+            model, layout, theta, buffer, lr[index], mu, wd, chunk, task.val,
+            fused_model=fused_model)
         fused.append((val.detach(), torch.autograd.grad(val, zf)[0]))
 
         ze = z.clone().requires_grad_()
@@ -74,15 +77,17 @@ def _hypergrads(task: hpo.HPOTask, z: torch.Tensor, *, segments: int, unroll: in
     return fused, eager, layout.views(theta), params
 
 
+@pytest.mark.parametrize("fused_model", [None, False], ids=["mlp_path", "per_step_path"])
 @pytest.mark.parametrize("impl", [impl_param("native"), "reference"])
-def test_hypergradient_matches_eager_autograd(impl, monkeypatch):
+def test_hypergradient_matches_eager_autograd(impl, fused_model, monkeypatch):
     monkeypatch.setenv("FASTMETA_IMPL", impl)
     task = _tiny_task(dtype=torch.float64)
     reparam = hpo.Reparametrization(2)
     z = reparam.encode(hpo.SGDHyperparameters((0.3, 0.1), 0.7, 1e-2), dtype=torch.float64)
     # Two segments: the first starts a run (b_1 = d_1), the second carries θ and b.
     with backends.trace() as calls:
-        fused, eager, theta, params = _hypergrads(task, z, segments=2, unroll=5)
+        fused, eager, theta, params = _hypergrads(task, z, segments=2, unroll=5,
+                                                  fused_model=fused_model)
     assert ("momentum", Impl(impl)) in calls or ("sgd_step", Impl(impl)) in calls, calls
     for (val_f, g_f), (val_e, g_e) in zip(fused, eager):
         torch.testing.assert_close(val_f, val_e, rtol=1e-12, atol=0)
@@ -106,6 +111,217 @@ def test_hypergradient_matches_finite_differences():
         minus, _, _, _ = _hypergrads(task, z - e, segments=1, unroll=4)
         numeric = (plus[0][0] - minus[0][0]) / (2 * eps)
         torch.testing.assert_close(fused[0][1][i], numeric, rtol=1e-5, atol=1e-9)
+
+
+# ---- The MLP path of unrolled_validation_loss (fastmeta.fused_mlp) --------------------------
+
+# The MLP path against eager autograd in float64: the same maths, summed in another order.
+MLP_RTOL = 1e-10
+# float32: the MLP path's error against float64 may be at most twice eager float32's, plus
+# this fraction of the largest entry (an error that happens to be ~0 on the eager side).
+F32_ERROR_RATIO, F32_FLOOR = 2.0, 1e-6
+MLP_MODELS = {
+    "tanh": lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)),
+    "relu_no_bias": lambda: nn.Sequential(
+        nn.Linear(5, 6, bias=False), nn.ReLU(), nn.Linear(6, 4, bias=False), nn.ReLU(),
+        nn.Linear(4, 3, bias=False)),
+    "sigmoid": lambda: nn.Sequential(nn.Linear(5, 6), nn.Sigmoid(), nn.Linear(6, 3)),
+    "linear": lambda: nn.Sequential(nn.Linear(5, 3)),
+}
+UNSUPPORTED_MODELS = {
+    "GELU": lambda: nn.Sequential(nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 3)),
+    "BatchNorm1d": lambda: nn.Sequential(
+        nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Tanh(),
+        nn.Linear(4, 3)),
+    "Unflatten": lambda: nn.Sequential(  # a convolution
+        nn.Unflatten(1, (1, 5)), nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(6, 3)),
+    "last module": lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3),
+                                         nn.Tanh()),
+}
+
+
+def _mlp_problem(make_model, dtype: torch.dtype, *, batches: int = 7, batch_size: int = 8):
+    """A model, its layout, training batches, a validation set, a start (θ_0, no buffer),
+    hyperparameters (per-element lr, () momentum and weight decay) and a probe r that puts
+    <r, b_K> in the objective, so that b_K's gradient is used too."""
+    g = torch.Generator().manual_seed(0)
+    model = make_model().to(dtype)
+    layout = FlatLayout.of(model)
+    x = torch.randn(batches * batch_size, 5, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (batches * batch_size,), generator=g)
+    train = [(x[i:i + batch_size], y[i:i + batch_size])
+             for i in range(0, batches * batch_size, batch_size)]
+    val = torch.randn(20, 5, generator=g, dtype=dtype), torch.randint(0, 3, (20,), generator=g)
+    n = layout.numel
+    hypers = (0.1 + 0.4 * torch.rand(n, generator=g, dtype=dtype),
+              torch.tensor(0.7, dtype=dtype), torch.tensor(1e-2, dtype=dtype))
+    probe = torch.randn(n, generator=g, dtype=dtype)
+    return model, layout, train, val, (layout.flatten(model), None), hypers, probe
+
+
+def _unroll(path: str, model, layout, state, hypers, batches, val, probe, *, impl="auto"):
+    """One segment from fresh leaves, by ``path``: ``auto``, ``mlp`` (required), ``per_step``
+    or ``eager`` (:func:`hpo.unrolled_validation_loss_reference`). Returns the validation loss,
+    θ_K, b_K, the gradients of ``val loss + <probe, b_K>`` w.r.t. (θ_0, b_0 when given, lr,
+    momentum, weight decay), and whether the MLP path ran."""
+    theta = state[0].clone().requires_grad_()
+    buffer = None if state[1] is None else state[1].clone().requires_grad_()
+    lr, momentum, weight_decay = (h.clone().requires_grad_() for h in hypers)
+    if path == "eager":
+        val_loss, params, buffers = hpo.unrolled_validation_loss_reference(
+            model, layout.views(theta), None if buffer is None else layout.views(buffer),
+            layout.views(lr), momentum, weight_decay, batches, val)
+        theta_k = torch.cat([params[e.name].reshape(-1) for e in layout.entries])
+        buffer_k = torch.cat([buffers[e.name].reshape(-1) for e in layout.entries])
+        took_mlp = False
+    else:
+        fused_model = {"auto": None, "mlp": True, "per_step": False}[path]
+        val_loss, theta_k, buffer_k = hpo.unrolled_validation_loss(
+            model, layout, theta, buffer, lr, momentum, weight_decay, batches, val, impl=impl,
+            fused_model=fused_model)
+        took_mlp = type(theta_k.grad_fn).__name__ == "_UnrolledMLPBackward"
+    inputs = [t for t in (theta, buffer, lr, momentum, weight_decay) if t is not None]
+    grads = torch.autograd.grad(val_loss + (probe * buffer_k).sum(), inputs)
+    return val_loss.detach(), theta_k.detach(), buffer_k.detach(), grads, took_mlp
+
+
+def _assert_mlp_close(actual, expected):
+    values = [*actual[:3], *actual[3]], [*expected[:3], *expected[3]]
+    for a, e in zip(*values):
+        torch.testing.assert_close(a, e, rtol=MLP_RTOL, atol=MLP_RTOL * float(e.abs().max()))
+
+
+@pytest.mark.parametrize("impl", [impl_param(i) for i in ("native", "reference", "triton")])
+@pytest.mark.parametrize("name", list(MLP_MODELS))
+def test_mlp_path_matches_eager_autograd(impl, name):
+    model, layout, batches, val, state, hypers, probe = _mlp_problem(MLP_MODELS[name],
+                                                                     torch.float64)
+    # The first segment starts a run (no buffer); the second carries θ and b.
+    for segment in (batches[:4], batches[4:]):
+        with backends.trace() as calls:
+            mlp = _unroll("mlp", model, layout, state, hypers, segment, val, probe, impl=impl)
+        assert mlp[4] and ("momentum", Impl(impl)) in calls, calls
+        eager = _unroll("eager", model, layout, state, hypers, segment, val, probe)
+        assert all(g.abs().max() > 0 for g in eager[3]), "every input must get a gradient"
+        _assert_mlp_close(mlp, eager)
+        state = mlp[1], mlp[2]
+
+
+@pytest.mark.parametrize("name", list(MLP_MODELS))
+def test_mlp_path_in_float32_is_as_accurate_as_eager(name):
+    model, layout, batches, val, state, hypers, probe = _mlp_problem(MLP_MODELS[name],
+                                                                     torch.float32)
+    mlp = _unroll("mlp", model, layout, state, hypers, batches, val, probe)
+    eager = _unroll("eager", model, layout, state, hypers, batches, val, probe)
+    model64 = model.double()  # the same start, hyperparameters and data, in float64
+    up = [t.double() for t in (*state[:1], *hypers, probe)]
+    batches64 = [(x.double(), y) for x, y in batches]
+    ref = _unroll("eager", model64, FlatLayout.of(model64), (up[0], None), up[1:4],
+                  batches64, (val[0].double(), val[1]), up[4])
+    for a, e, r in zip([*mlp[:3], *mlp[3]], [*eager[:3], *eager[3]], [*ref[:3], *ref[3]]):
+        error, eager_error = (a.double() - r).abs().max(), (e.double() - r).abs().max()
+        assert error <= F32_ERROR_RATIO * eager_error + F32_FLOOR * r.abs().max(), (
+            error, eager_error)
+
+
+@pytest.mark.parametrize("impl", [impl_param("native"), "reference"])
+def test_mlp_path_takes_numbers_and_no_weight_decay(impl):
+    """Number hyperparameters, and weight decay the number 0 (the step's param VJP is then
+    the identity: the incoming θ̄ is passed on, and must not be overwritten)."""
+    model, layout, batches, val, state, _, _ = _mlp_problem(MLP_MODELS["tanh"], torch.float64)
+    results = {}
+    for fused_model in (True, False):
+        theta = state[0].clone().requires_grad_()
+        buffer = (state[0] * 0.1).requires_grad_()
+        val_loss, theta_k, buffer_k = hpo.unrolled_validation_loss(
+            model, layout, theta, buffer, 0.3, 0.9, 0.0, batches, val, impl=impl,
+            fused_model=fused_model)
+        grads = torch.autograd.grad(val_loss + buffer_k.sum(), [theta, buffer])
+        results[fused_model] = (val_loss.detach(), theta_k.detach(), buffer_k.detach()), grads
+    _assert_mlp_close((*results[True][0], results[True][1]),
+                      (*results[False][0], results[False][1]))
+
+
+@pytest.mark.parametrize("fused_model", [None, True, False])
+def test_zero_momentum_number_is_refused_on_both_paths(fused_model):
+    model, layout, batches, val, state, (lr, _, wd), _ = _mlp_problem(MLP_MODELS["tanh"],
+                                                                      torch.float64)
+    with pytest.raises(ValueError, match="momentum must not be 0"):
+        hpo.unrolled_validation_loss(model, layout, state[0].requires_grad_(), None, lr, 0,
+                                     wd, batches, val, fused_model=fused_model)
+
+
+@pytest.mark.parametrize("why", list(UNSUPPORTED_MODELS))
+def test_unsupported_models_take_the_per_step_path(why):
+    model, layout, batches, val, state, hypers, probe = _mlp_problem(UNSUPPORTED_MODELS[why],
+                                                                     torch.float64)
+    auto = _unroll("auto", model, layout, state, hypers, batches, val, probe)
+    per_step = _unroll("per_step", model, layout, state, hypers, batches, val, probe)
+    assert not auto[4]
+    _assert_mlp_close(auto, per_step)
+    with pytest.raises(UnsupportedModel, match=f"fused_model=True but .*{why}"):
+        _unroll("mlp", model, layout, state, hypers, batches, val, probe)
+
+
+def _ignored_label(batches):
+    x, y = batches[1]
+    y = y.clone()
+    y[0] = -100  # F.cross_entropy's ignore_index
+    return [batches[0], (x, y), *batches[2:]]
+
+
+def _input_requiring_grad(batches):
+    x, y = batches[0]
+    return [(x.clone().requires_grad_(), y), *batches[1:]]
+
+
+@pytest.mark.parametrize("change, why", [
+    (_ignored_label, r"a training label lies outside \[0, 3\)"),
+    (_input_requiring_grad, r"batches\[0\]'s inputs require grad"),
+    (lambda batches: [], "no training batches"),
+])
+def test_unsupported_batches_take_the_per_step_path(change, why):
+    model, layout, batches, val, state, hypers, probe = _mlp_problem(MLP_MODELS["tanh"],
+                                                                     torch.float64)
+    batches = change(batches)
+    if batches:
+        assert not _unroll("auto", model, layout, state, hypers, batches, val, probe)[4]
+    with pytest.raises(UnsupportedModel, match=why):
+        _unroll("mlp", model, layout, state, hypers, batches, val, probe)
+
+
+def test_mlp_path_cannot_be_differentiated_twice():
+    """A second derivative through the MLP path raises, w.r.t. the lr itself and w.r.t. z
+    upstream of it (which torch's @once_differentiable would let through silently)."""
+    task = _tiny_task(dtype=torch.float64)
+    model = task.model(0)
+    layout = FlatLayout.of(model)
+    reparam = hpo.Reparametrization(2)
+    index = hpo._layer_index(layout, hpo.layer_groups(model))
+    z = reparam.encode(hpo.SGDHyperparameters((0.3, 0.1), 0.7, 1e-2), dtype=torch.float64)
+    batches = [(task.train[0][i:i + 16], task.train[1][i:i + 16]) for i in (0, 16)]
+    for fused_model in (True, False):
+        z_leaf = z.clone().requires_grad_()
+        lr, momentum, weight_decay = reparam.decode(z_leaf)
+        lr = lr[index]
+        val_loss, _, _ = hpo.unrolled_validation_loss(
+            model, layout, layout.flatten(model).requires_grad_(), None, lr, momentum,
+            weight_decay, batches, task.val, fused_model=fused_model)
+        if fused_model:
+            for wrt in (lr, z_leaf):
+                with pytest.raises(RuntimeError, match="differentiable once.*fused_model=False"):
+                    torch.autograd.grad(val_loss, wrt, create_graph=True, retain_graph=True)
+        else:  # the per-step path is differentiable to any order
+            (grad,) = torch.autograd.grad(val_loss, z_leaf, create_graph=True)
+            assert torch.autograd.grad(grad.sum(), z_leaf)[0].abs().max() > 0
+
+
+def test_fused_model_must_be_a_bool_or_none():
+    model, layout, batches, val, state, hypers, _ = _mlp_problem(MLP_MODELS["tanh"],
+                                                                 torch.float64)
+    with pytest.raises(TypeError, match="fused_model must be None, True or False"):
+        hpo.unrolled_validation_loss(model, layout, state[0], None, *hypers, batches, val,
+                                     fused_model="yes")
 
 
 def test_reparametrization_round_trips_and_stays_in_the_box():

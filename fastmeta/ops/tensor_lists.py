@@ -448,31 +448,141 @@ def step_forward(rule: StepRule, cfg: StepConfig, param, grad, states, hypers, *
         # A Function may not return an input as it is (a first momentum buffer can be the grad).
         inputs = (param, grad, *states)
         return tuple(o.clone() if any(o is x for x in inputs) else o for o in outs)
-    tasks, numel = (1, grad.shape[0]) if grad.dim() == 1 else tuple(grad.shape)
-    param_c = param.contiguous() if param is not None else None
-    grad_c = grad.contiguous()
-    states_c = [s.contiguous() if s is not None else None for s in states]
-    new_p = torch.empty_like(grad_c)  # the kernels always write it; dropped if not wanted
-    new_states = {n: torch.empty_like(grad_c) for n in out_names}
-    table = hyper_table(cfg, rule.hyper_names, hypers, tasks, numel, grad.device)
-    lr = cfg.hyper("lr", hypers)
-    lr_elem = lr.detach().contiguous() if lr_mode(lr, tasks, numel) == "element" else None
-    if grad.numel() == 0:
-        pass  # nothing to compute; an empty tensor's address may be 0
-    elif impl is Impl.NATIVE:
-        getattr(native(), f"{rule.name}_forward")(
-            _ptr(param_c), grad_c.data_ptr(), [_ptr(s) for s in states_c], _ptr(new_p),
-            [_ptr(new_states.get(n)) for n in rule.state_names], tasks, numel,
-            DTYPE_CODES[grad.dtype], table.data_ptr(), _ptr(lr_elem),
-            _lr_stride(lr_elem, numel), float(cfg.flags.get("step", 0)), rule.flags(cfg),
-        )
-    else:
-        triton_kernels(rule.name).step_forward(
-            rule, param_c, grad_c, states_c, new_p if want_param else None,
-            [new_states.get(n) for n in rule.state_names], table, lr_elem,
-            step=float(cfg.flags.get("step", 0)), flags=rule.flags(cfg),
-        )
-    return (new_p if want_param else None, *(new_states[n] for n in out_names))
+    outs = StepKernels(rule, cfg, hypers, grad, impl=impl).forward(cfg, param, grad, states,
+                                                                    want_param=want_param)
+    return (outs[0] if want_param else None, *outs[1:])
+
+
+class StepKernels:
+    """The fused kernels of one step rule (native or Triton) bound to fixed hyperparameters:
+    the float64 table of per-task values, the per-element lr and its stride are made once.
+
+    :func:`step_forward` and :func:`kernel_vjp` make one per call; a caller that runs many
+    steps with the same hyperparameters (an unrolled training loop) makes one for all of
+    them, and can sum the hyperparameter gradients of every step in one place
+    (:meth:`backward`'s ``d_lr`` is added to; each step gets its own ``d_table`` row).
+
+    Args:
+        rule, cfg, hypers: the step, as :func:`step_forward` takes them (``cfg`` gives the
+            hyperparameter values; its flags may differ per call, e.g. the first step).
+        like: a ``[N]`` or ``[T, N]`` tensor of the steps' shape, dtype and device.
+        impl: the implementation (default ``cfg.impl``); not the reference.
+    """
+
+    def __init__(self, rule: StepRule, cfg: StepConfig, hypers, like: torch.Tensor, *,
+                 impl=None) -> None:
+        self.rule = rule
+        self.impl = cfg.impl if impl is None else impl
+        self.tasks, self.numel = (1, like.shape[0]) if like.dim() == 1 else tuple(like.shape)
+        self.dtype = like.dtype
+        self.table = hyper_table(cfg, rule.hyper_names, hypers, self.tasks, self.numel,
+                                 like.device)
+        lr = cfg.hyper("lr", hypers)
+        self.lr_elem = (lr.detach().contiguous()
+                        if lr_mode(lr, self.tasks, self.numel) == "element" else None)
+        self.lr_stride = _lr_stride(self.lr_elem, self.numel)
+
+    def new_lr_grad(self) -> torch.Tensor | None:
+        """A zeroed accumulator for the per-element lr's gradient (None for another lr)."""
+        return torch.zeros_like(self.lr_elem) if self.lr_elem is not None else None
+
+    def new_table_grads(self, steps: int = 1) -> torch.Tensor:
+        """``[steps, H, T]`` float64 zeros: one hyperparameter-gradient table per step."""
+        return self.table.new_zeros((steps, *self.table.shape))
+
+    def forward(self, cfg: StepConfig, param, grad, states, *,
+                want_param: bool = True) -> tuple[torch.Tensor, ...]:
+        """``(new_param, *new_states)`` of one step, no autograd. Without ``want_param`` the
+        new param may be left unwritten, and ``param`` may be None when
+        ``not cfg.needs_param``."""
+        rule = self.rule
+        out_names = rule.out_states(cfg)
+        param_c = param.contiguous() if param is not None else None
+        grad_c = grad.contiguous()
+        states_c = [s.contiguous() if s is not None else None for s in states]
+        new_p = torch.empty_like(grad_c)  # the kernels always write it
+        new_states = {n: torch.empty_like(grad_c) for n in out_names}
+        step = float(cfg.flags.get("step", 0))
+        if grad.numel() == 0:
+            pass  # nothing to compute; an empty tensor's address may be 0
+        elif self.impl is Impl.NATIVE:
+            getattr(native(), f"{rule.name}_forward")(
+                _ptr(param_c), grad_c.data_ptr(), [_ptr(s) for s in states_c], _ptr(new_p),
+                [_ptr(new_states.get(n)) for n in rule.state_names], self.tasks, self.numel,
+                DTYPE_CODES[self.dtype], self.table.data_ptr(), _ptr(self.lr_elem),
+                self.lr_stride, step, rule.flags(cfg),
+            )
+        else:
+            triton_kernels(rule.name).step_forward(
+                rule, param_c, grad_c, states_c, new_p if want_param else None,
+                [new_states.get(n) for n in rule.state_names], self.table, self.lr_elem,
+                step=step, flags=rule.flags(cfg),
+            )
+        return (new_p, *(new_states[n] for n in out_names))
+
+    def backward(self, cfg: StepConfig, param, grad, states, grad_outputs, needs,
+                 d_lr: torch.Tensor | None, d_table: torch.Tensor) -> list:
+        """The VJP of one step for ``(param, grad, *states)`` (None where ``needs`` is False);
+        the hyperparameters' gradients go to ``d_lr`` (added to, see :meth:`new_lr_grad`) and
+        ``d_table`` (an ``[H, T]`` row of :meth:`new_table_grads`, overwritten).
+
+        ``grad_outputs`` are the cotangents of ``(new_param, *new_states)`` (None reads as
+        zero); ``needs`` covers ``(param, grad, *states)`` at least."""
+        rule = self.rule
+        contiguous = [t.contiguous() if t is not None else None for t in grad_outputs]
+        go_states = {n: t for n, t in zip(rule.out_states(cfg), contiguous[1:])}
+        param_c = param.contiguous() if param is not None else None
+        grad_c = grad.contiguous()
+        states_c = [s.contiguous() if s is not None else None for s in states]
+        # Only the wanted input gradients are allocated and written: on large buffers each
+        # fresh output costs its page faults as well as its bytes. Without weight decay (the
+        # number 0) every rule has ∂θ'/∂θ = I, so θ̄ is the incoming θ̄' itself and the kernel
+        # skips it.
+        identity_param_vjp = not cfg.needs_param
+        d_param = None
+        if needs[0] and not identity_param_vjp:
+            d_param = torch.empty_like(grad_c)
+        d_grad = torch.empty_like(grad_c) if needs[1] else None
+        d_states = [torch.empty_like(grad_c) if s is not None else None for s in states]
+        step = float(cfg.flags.get("step", 0))
+        if grad.numel() == 0:
+            pass  # nothing to compute; an empty tensor's address may be 0
+        elif self.impl is Impl.NATIVE:
+            getattr(native(), f"{rule.name}_backward")(
+                _ptr(param_c), grad_c.data_ptr(), [_ptr(s) for s in states_c],
+                _ptr(contiguous[0]), [_ptr(go_states.get(n)) for n in rule.state_names],
+                _ptr(d_param), _ptr(d_grad), [_ptr(d) for d in d_states], _ptr(d_lr),
+                d_table.data_ptr(), self.tasks, self.numel, DTYPE_CODES[self.dtype],
+                self.table.data_ptr(), _ptr(self.lr_elem), self.lr_stride, step,
+                rule.flags(cfg),
+            )
+        else:
+            # The Triton kernels write the lr gradient (the native ones add to it).
+            step_d_lr = torch.empty_like(d_lr) if d_lr is not None else None
+            triton_kernels(rule.name).step_backward(
+                rule, param_c, grad_c, states_c, contiguous[0],
+                [go_states.get(n) for n in rule.state_names], d_param, d_grad, d_states,
+                step_d_lr, d_table, self.table, self.lr_elem, step=step, flags=rule.flags(cfg),
+            )
+            if d_lr is not None:
+                d_lr.add_(step_d_lr)
+        if identity_param_vjp and needs[0]:
+            d_param = grad_outputs[0]  # None (no θ̄') reads as zero to autograd
+        results = [d_param, d_grad, *d_states]
+        return [r if need else None for r, need in zip(results, needs)]
+
+    def hyper_grads(self, cfg: StepConfig, hypers, d_lr: torch.Tensor | None,
+                    d_table: torch.Tensor) -> list[torch.Tensor]:
+        """The gradients of the tensor hyperparameters ``hypers`` (in ``cfg.tensor_names``
+        order) from :meth:`backward`'s accumulators (``d_table``: ``[H, T]``, summed over the
+        steps)."""
+        out = []
+        for name, value in zip(cfg.tensor_names, hypers):
+            if name == "lr" and self.lr_elem is not None:
+                out.append(d_lr)
+            else:
+                out.append(reduce_hyper_grad(d_table[self.rule.hyper_names.index(name)], value))
+        return out
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -572,7 +682,7 @@ def step_backward(rule: StepRule, ctx, grad_outputs):
         grads = _reference_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs,
                                ctx.param_shape)
     else:
-        grads = _kernel_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs)
+        grads = kernel_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs)
     return (None, *grads)
 
 
@@ -604,56 +714,27 @@ def _reference_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs, 
     return result
 
 
-def _kernel_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs):
-    tasks, numel = (1, grad.shape[0]) if grad.dim() == 1 else tuple(grad.shape)
-    device = grad.device
-    contiguous = [t.contiguous() if t is not None else None for t in grad_outputs]
-    out_names = rule.out_states(cfg)
-    go_states = {n: t for n, t in zip(out_names, contiguous[1:])}
-    param_c = param.contiguous() if param is not None else None
-    grad_c = grad.contiguous()
-    states_c = [s.contiguous() if s is not None else None for s in states]
-    # Only the wanted input gradients are allocated and written: on large buffers each fresh
-    # output costs its page faults as well as its bytes. Without weight decay (the number 0)
-    # every rule has ∂θ'/∂θ = I, so θ̄ is the incoming θ̄' itself and the kernel skips it.
-    identity_param_vjp = not cfg.needs_param
-    d_param = None
-    if needs[0] and not identity_param_vjp:
-        d_param = torch.empty_like(grad_c)
-    d_grad = torch.empty_like(grad_c) if needs[1] else None
-    d_states = [torch.empty_like(grad_c) if s is not None else None for s in states]
-    table = hyper_table(cfg, rule.hyper_names, hypers, tasks, numel, device)
-    d_table = torch.zeros_like(table)
-    lr = cfg.hyper("lr", hypers)
-    lr_elem = lr.detach().contiguous() if lr_mode(lr, tasks, numel) == "element" else None
-    d_lr_elem = torch.zeros_like(lr_elem) if lr_elem is not None else None  # summed into
-    step = float(cfg.flags.get("step", 0))
-    if grad.numel() == 0:
-        pass  # nothing to compute; an empty tensor's address may be 0
-    elif cfg.impl is Impl.NATIVE:
-        getattr(native(), f"{rule.name}_backward")(
-            _ptr(param_c), grad_c.data_ptr(), [_ptr(s) for s in states_c],
-            _ptr(contiguous[0]), [_ptr(go_states.get(n)) for n in rule.state_names],
-            _ptr(d_param), _ptr(d_grad), [_ptr(d) for d in d_states], _ptr(d_lr_elem),
-            d_table.data_ptr(), tasks, numel, DTYPE_CODES[grad.dtype], table.data_ptr(),
-            _ptr(lr_elem), _lr_stride(lr_elem, numel), step, rule.flags(cfg),
-        )
-    else:
-        triton_kernels(rule.name).step_backward(
-            rule, param_c, grad_c, states_c, contiguous[0],
-            [go_states.get(n) for n in rule.state_names], d_param, d_grad, d_states, d_lr_elem,
-            d_table, table, lr_elem, step=step, flags=rule.flags(cfg),
-        )
-    d_hypers = []
-    for name, value in zip(cfg.tensor_names, hypers):
-        if name == "lr" and lr_elem is not None:
-            d_hypers.append(d_lr_elem)
-        else:
-            d_hypers.append(reduce_hyper_grad(d_table[rule.hyper_names.index(name)], value))
-    if identity_param_vjp and needs[0]:
-        d_param = grad_outputs[0]  # None (no θ̄') reads as zero to autograd
-    results = [d_param, d_grad, *d_states, *d_hypers]
-    return [r if need else None for r, need in zip(results, needs)]
+def kernel_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs):
+    """The VJP of one step by the fused backward kernel of ``cfg.impl`` (native or Triton; the
+    reference implementation's VJP is :func:`_reference_vjp`). Not differentiable.
+
+    Args:
+        rule, cfg: the step, as :func:`step_forward` takes them.
+        param, grad, states, hypers: the step's inputs (``param`` may be None when
+            ``not cfg.needs_param``; a missing state is None).
+        grad_outputs: the cotangents of ``(new_param, *new_states)``; None reads as zero.
+        needs: which of ``(param, grad, *states, *hypers)`` need a gradient.
+
+    Returns:
+        The gradients of ``[param, grad, *states, *hypers]``, None where not needed.
+    """
+    kernels = StepKernels(rule, cfg, hypers, grad)
+    d_lr, d_table = kernels.new_lr_grad(), kernels.new_table_grads()[0]
+    ns = len(rule.state_names)
+    results = kernels.backward(cfg, param, grad, states, grad_outputs, needs[:2 + ns], d_lr,
+                               d_table)
+    d_hypers = kernels.hyper_grads(cfg, hypers, d_lr, d_table)
+    return results + [d if need else None for d, need in zip(d_hypers, needs[2 + ns:])]
 
 
 def step_vmap(function, rule: StepRule, info, in_dims, cfg: StepConfig, *args):
@@ -696,11 +777,15 @@ def step_vmap(function, rule: StepRule, info, in_dims, cfg: StepConfig, *args):
     return outs, tuple(0 for _ in outs)
 
 
-def run_step(function, rule: StepRule, op: str, impl, param: torch.Tensor, grad: torch.Tensor,
-             states: dict, hypers: dict, flags: dict):
-    """Validates one out-of-place step, resolves its implementation and applies ``function``.
+def prepare_step(rule: StepRule, op: str, impl, param: torch.Tensor, grad: torch.Tensor,
+                 states: dict, hypers: dict, flags: dict) -> tuple[StepConfig, list]:
+    """Validates one out-of-place step, brings its hyperparameters to canonical form (see
+    :func:`batched_hyper`) and resolves its implementation (recorded for
+    :func:`fastmeta.backends.trace` under ``op``).
 
-    Returns ``(new_param, {state: new_state})``.
+    Returns:
+        ``(cfg, tensor_hypers)``: the step's :class:`StepConfig` and its tensor hyperparameters
+        in ``cfg.tensor_names`` order, as :func:`step_forward` and :func:`kernel_vjp` take them.
     """
     check_batched_param(op, param)
     check_batched_like(op, "grads", grad, param)
@@ -715,6 +800,16 @@ def run_step(function, rule: StepRule, op: str, impl, param: torch.Tensor, grad:
     present = tuple(states.get(n) is not None for n in rule.state_names)
     cfg = StepConfig(op, which, floats, tensor_names, flags, present,
                      rule.needs_param(canonical, flags))
+    return cfg, [canonical[n] for n in tensor_names]
+
+
+def run_step(function, rule: StepRule, op: str, impl, param: torch.Tensor, grad: torch.Tensor,
+             states: dict, hypers: dict, flags: dict):
+    """Validates one out-of-place step, resolves its implementation and applies ``function``.
+
+    Returns ``(new_param, {state: new_state})``.
+    """
+    cfg, tensor_hypers = prepare_step(rule, op, impl, param, grad, states, hypers, flags)
     outs = function.apply(cfg, param, grad, *(states.get(n) for n in rule.state_names),
-                          *(canonical[n] for n in tensor_names))
+                          *tensor_hypers)
     return outs[0], dict(zip(rule.out_states(cfg), outs[1:]))

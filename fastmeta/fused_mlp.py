@@ -1,0 +1,328 @@
+"""The training-loss gradient and Hessian-vector product of a plain MLP, by hand, on the flat
+parameter buffer: what unrolled differentiation through training needs, without autograd.
+
+Differentiating through K training steps needs, per step, the minibatch gradient
+:math:`g(\\theta)` and, in the backward, :math:`H(\\theta)\\bar g` (second order). With
+autograd, ``torch.autograd.grad(loss, θ, create_graph=True)`` records some 40 nodes per step
+of a two-layer MLP and the backward differentiates each of them twice; on small models that
+Python and graph overhead, not the arithmetic, is the cost. For ``nn.Sequential`` MLPs trained
+with mean cross-entropy both are a handful of matrix products, written here directly.
+
+**Maths** (rows are examples; :math:`B` examples, :math:`L` linear layers
+:math:`W_l \\in \\mathbb{R}^{o_l \\times i_l}`, :math:`b_l`, elementwise activation
+:math:`\\sigma` after every layer but the last):
+
+.. math::
+    \\begin{aligned}
+    h_0 &= x, \\qquad a_l = h_{l-1} W_l^\\top + b_l, \\qquad h_l = \\sigma(a_l), \\qquad
+        z = a_L, \\qquad P = \\operatorname{softmax}(z), \\\\
+    \\ell(\\theta) &= -\\tfrac1B \\textstyle\\sum_r \\log P_{r, y_r}, \\qquad
+        \\delta_L = (P - \\operatorname{onehot}(y)) / B, \\qquad
+        \\delta_{l-1} = (\\delta_l W_l) \\odot \\sigma'(a_{l-1}), \\\\
+    \\nabla_{W_l} \\ell &= \\delta_l^\\top h_{l-1}, \\qquad
+        \\nabla_{b_l} \\ell = \\textstyle\\sum_r \\delta_l.
+    \\end{aligned}
+
+The Hessian-vector product :math:`H(\\theta) v` is the directional derivative
+:math:`\\mathcal{R}\\{\\cdot\\} = \\tfrac{d}{dt}(\\cdot)(\\theta + t v)|_{t=0}` of the gradient
+(Pearlmutter's R-operator, forward over reverse, https://doi.org/10.1162/neco.1994.6.1.147),
+with :math:`v = (V_l, c_l)` split like :math:`\\theta` and :math:`\\mathcal{R}h_0 = 0`:
+
+.. math::
+    \\begin{aligned}
+    \\mathcal{R}a_l &= \\mathcal{R}h_{l-1} W_l^\\top + h_{l-1} V_l^\\top + c_l, \\qquad
+        \\mathcal{R}h_l = \\sigma'(a_l) \\odot \\mathcal{R}a_l, \\\\
+    \\mathcal{R}\\delta_L &= \\big(P \\odot \\mathcal{R}z
+        - P \\odot \\textstyle\\sum_c (P \\odot \\mathcal{R}z)\\big) / B, \\\\
+    \\mathcal{R}\\delta_{l-1} &= (\\mathcal{R}\\delta_l W_l + \\delta_l V_l) \\odot
+        \\sigma'(a_{l-1})
+        + (\\delta_l W_l) \\odot \\sigma''(a_{l-1}) \\odot \\mathcal{R}a_{l-1}, \\\\
+    (Hv)_{W_l} &= \\mathcal{R}\\delta_l^\\top h_{l-1} + \\delta_l^\\top \\mathcal{R}h_{l-1},
+        \\qquad (Hv)_{b_l} = \\textstyle\\sum_r \\mathcal{R}\\delta_l.
+    \\end{aligned}
+
+The derivatives of the activation come from its output :math:`h = \\sigma(a)`, by the ops
+autograd itself uses: ReLU :math:`\\sigma' = [h > 0]` (0 at the kink), :math:`\\sigma'' = 0`;
+tanh :math:`\\sigma' = 1 - h^2`, :math:`\\sigma'' = -2h\\sigma'`; sigmoid
+:math:`\\sigma' = h(1 - h)`, :math:`\\sigma'' = (1 - 2h)\\sigma'`. Since :math:`\\sigma''` is
+:math:`\\sigma'` times a function of :math:`h`, the last term of :math:`\\mathcal{R}\\delta_{l-1}`
+is :math:`\\delta_{l-1} \\odot (\\sigma''/\\sigma') \\odot \\mathcal{R}a_{l-1}`: the
+product needs only each layer's input :math:`h_{l-1}`, :math:`\\delta_l` and :math:`P`.
+
+Only models whose output is *exactly* this computation are accepted (:meth:`MLPSpec.of`); any
+other module, a subclass, a hook or tied weights make it refuse rather than guess.
+
+Example:
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    >>> layout = FlatLayout.of(model)
+    >>> spec = MLPSpec.of(model, layout)
+    >>> theta = layout.flatten(model)
+    >>> x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0])
+    >>> grad, tape = spec.loss_grad(theta, x, y)
+    >>> hv = spec.hvp(theta, tape, torch.ones_like(theta))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmeta.flat import FlatLayout
+
+__all__ = ["MLPSpec", "MLPTape", "UnsupportedModel", "mlp_spec"]
+
+
+class UnsupportedModel(ValueError):
+    """The model is not an MLP that :class:`MLPSpec` can differentiate by hand; the message
+    says why."""
+
+
+@dataclass(frozen=True)
+class _Activation:
+    """An elementwise activation σ and its derivatives, from its output h = σ(a).
+
+    Attributes:
+        forward: a -> σ(a).
+        backward: (u, h) -> u ⊙ σ'(a), by the op autograd itself uses for this activation.
+        curvature: h -> σ''(a) / σ'(a) (None where σ'' = 0), so that
+            u ⊙ σ''(a) = (u ⊙ σ'(a)) ⊙ curvature(h).
+    """
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    curvature: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+# Exact types only: a subclass may override forward.
+_ACTIVATIONS: dict[type, _Activation] = {
+    nn.ReLU: _Activation(torch.relu,
+                         lambda u, h: torch.ops.aten.threshold_backward.default(u, h, 0), None),
+    nn.Tanh: _Activation(torch.tanh, torch.ops.aten.tanh_backward.default,
+                         lambda h: h * -2.0),  # σ'' = -2hσ'
+    nn.Sigmoid: _Activation(torch.sigmoid, torch.ops.aten.sigmoid_backward.default,
+                            lambda h: 1.0 - 2.0 * h),  # σ'' = (1 - 2h)σ'
+}
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One ``nn.Linear``: which chunks of the flat buffer (layout entries) hold its weight
+    ``[out, in]`` and its bias."""
+
+    weight: int
+    bias: int | None
+    out_features: int
+    in_features: int
+
+
+@dataclass
+class MLPTape:
+    """What :meth:`MLPSpec.loss_grad` keeps for :meth:`MLPSpec.hvp` (layers counted from 0).
+
+    Attributes:
+        params: :math:`(W_l, b_l)` of every layer, views of θ.
+        inputs: :math:`h_{l-1}`, the input of every layer (the first is the batch ``x``).
+        deltas: :math:`\\delta_l` of every layer.
+        scaled_probs: :math:`P / B`, the softmax of the logits over the batch size.
+    """
+
+    params: list[tuple[torch.Tensor, torch.Tensor | None]]
+    inputs: list[torch.Tensor]
+    deltas: list[torch.Tensor]
+    scaled_probs: torch.Tensor
+
+
+class MLPSpec:
+    """An ``nn.Sequential`` of ``nn.Linear`` layers with ``nn.ReLU``/``nn.Tanh``/``nn.Sigmoid``
+    between them, read as positions in a :class:`~fastmeta.flat.FlatLayout` buffer, with its
+    mean cross-entropy gradient and Hessian-vector product (see the module docstring).
+
+    Build it with :meth:`of` (or :func:`mlp_spec`). It holds no tensors: every method takes
+    the flat ``[N]`` parameter buffer θ.
+    """
+
+    def __init__(self, layers: tuple[_Layer, ...], activations: tuple[_Activation, ...],
+                 sizes: tuple[int, ...]) -> None:
+        self.layers = layers
+        self.activations = activations
+        self.sizes = sizes  # of the layout's entries, in buffer order
+        self.in_features = layers[0].in_features
+        self.classes = layers[-1].out_features
+
+    @classmethod
+    def of(cls, model: nn.Module, layout: FlatLayout | None = None) -> MLPSpec:
+        """The spec of ``model``, whose parameters ``layout`` (default: ``FlatLayout.of(model)``)
+        places in the flat buffer.
+
+        Raises:
+            UnsupportedModel: ``model`` is not exactly such an MLP, or ``layout`` is not its.
+        """
+        if type(model) is not nn.Sequential:
+            raise UnsupportedModel(f"the model is a {type(model).__name__}, not an "
+                                   "nn.Sequential")
+        hooks = [getattr(nn.modules.module, name, None) for name in (
+            "_global_forward_hooks", "_global_forward_pre_hooks",
+            "_global_forward_hooks_always_called")]
+        if any(hooks):
+            raise UnsupportedModel("global module forward hooks are registered")
+        modules = list(model.named_children())
+        for j, (name, m) in enumerate([("", model), *modules]):
+            if m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m):
+                where = "the model" if j == 0 else f"module {name!r}"
+                raise UnsupportedModel(f"{where} has forward hooks or a replaced forward")
+        linears: list[tuple[str, nn.Linear]] = []
+        activations: list[_Activation] = []
+        for j, (name, m) in enumerate(modules):
+            where = f"module {name!r} ({type(m).__name__})"
+            if j % 2 == 1:  # between two Linears
+                act = _ACTIVATIONS.get(type(m))
+                if act is None:
+                    raise UnsupportedModel(f"{where} is not an nn.ReLU, nn.Tanh or nn.Sigmoid "
+                                           "between two nn.Linear layers")
+                activations.append(act)
+            elif type(m) is not nn.Linear:
+                raise UnsupportedModel(f"{where} is not an nn.Linear (an MLP alternates "
+                                       "nn.Linear and activations)")
+            elif linears and m.in_features != linears[-1][1].out_features:
+                raise UnsupportedModel(f"{where} takes {m.in_features} features but the "
+                                       f"layer before gives {linears[-1][1].out_features}")
+            else:
+                linears.append((name, m))
+        if len(linears) == len(activations):
+            last = type(modules[-1][1]).__name__ if modules else "none"
+            raise UnsupportedModel(f"the last module ({last}) is not an nn.Linear (the logits "
+                                   "must be the last layer's output)")
+        layout = FlatLayout.of(model) if layout is None else layout
+        entries = {e.name: (i, e) for i, e in enumerate(layout.entries)}
+        layers: list[_Layer] = []
+        for name, m in linears:
+            w, b = entries.get(f"{name}.weight"), entries.get(f"{name}.bias")
+            if (w is None or w[1].shape != (m.out_features, m.in_features)
+                    or (m.bias is not None and (b is None or b[1].shape != (m.out_features,)))):
+                raise UnsupportedModel(f"module {name!r}'s parameters are not in the layout as "
+                                       "its own (tied weights, or the layout of another model)")
+            layers.append(_Layer(w[0], None if m.bias is None else b[0], m.out_features,
+                                 m.in_features))
+        if len(entries) != len(layers) + sum(layer.bias is not None for layer in layers):
+            raise UnsupportedModel("the layout holds parameters that are not the model's")
+        return cls(tuple(layers), tuple(activations), tuple(e.numel for e in layout.entries))
+
+    def split(self, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """:math:`(W_l, b_l)` of every layer: views of the flat ``[N]`` buffer."""
+        chunks = flat.split_with_sizes(self.sizes)
+        return [(chunks[layer.weight].view(layer.out_features, layer.in_features),
+                 None if layer.bias is None else chunks[layer.bias]) for layer in self.layers]
+
+    def check_batch(self, x: object, y: object, *, dtype: torch.dtype, device: torch.device,
+                    name: str = "batch") -> None:
+        """Raises :class:`UnsupportedModel` unless ``(x, y)`` is a batch :meth:`loss_grad`
+        computes exactly what ``F.cross_entropy(model(x), y)`` differentiates: ``x`` a
+        ``[B, in_features]`` tensor of ``dtype`` on ``device`` that needs no gradient, ``y``
+        ``[B]`` int64 class indices (their range is not checked here), ``B >= 1``."""
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise UnsupportedModel(f"{name} is not a pair of tensors")
+        if x.dim() != 2 or x.shape[1] != self.in_features or x.shape[0] == 0:
+            raise UnsupportedModel(f"{name}'s inputs have shape {list(x.shape)}, not [B, "
+                                   f"{self.in_features}] with B >= 1")
+        if x.dtype != dtype or x.device != device:
+            raise UnsupportedModel(f"{name}'s inputs are {x.dtype} on {x.device}, not {dtype} "
+                                   f"on {device}")
+        if x.requires_grad:
+            raise UnsupportedModel(f"{name}'s inputs require grad (only the parameters are "
+                                   "differentiated)")
+        if y.dtype != torch.int64 or y.shape != (x.shape[0],) or y.device != device:
+            raise UnsupportedModel(f"{name}'s labels are {y.dtype} {list(y.shape)} on "
+                                   f"{y.device}, not int64 [{x.shape[0]}] class indices on "
+                                   f"{device}")
+
+    def loss_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, MLPTape]:
+        """:math:`\\nabla_\\theta \\ell(\\theta; x, y)` of the mean cross-entropy, without autograd.
+
+        Args:
+            theta: ``[N]`` contiguous flat parameters.
+            x: ``[B, in_features]`` inputs; y: ``[B]`` class indices in ``[0, classes)``
+                (no ``ignore_index``: an index out of range raises).
+            out: ``[N]`` buffer to write the gradient into (default: a new one).
+
+        Returns:
+            ``(grad, tape)``: the ``[N]`` gradient and what :meth:`hvp` needs.
+        """
+        params = self.split(theta)
+        grad = torch.empty_like(theta) if out is None else out
+        h = x
+        inputs = [x]
+        for i, (w, b) in enumerate(params):
+            a = F.linear(h, w, b)
+            if i < len(self.activations):
+                h = self.activations[i].forward(a)
+                inputs.append(h)
+        rows = x.shape[0]
+        scaled_probs = torch.softmax(a, 1).mul_(1.0 / rows)
+        # δ_L = P/B - onehot(y)/B; scatter_add raises on a label out of range.
+        delta = scaled_probs.scatter_add(1, y.unsqueeze(1),
+                                         scaled_probs.new_full((rows, 1), -1.0 / rows))
+        deltas = [delta]
+        for i, (gw, gb) in reversed(list(enumerate(self.split(grad)))):
+            torch.mm(delta.t(), inputs[i], out=gw)
+            if gb is not None:
+                torch.sum(delta, 0, out=gb)
+            if i > 0:
+                delta = self.activations[i - 1].backward(torch.mm(delta, params[i][0]), inputs[i])
+                deltas.append(delta)
+        deltas.reverse()
+        return grad, MLPTape(params, inputs, deltas, scaled_probs)
+
+    def hvp(self, theta: torch.Tensor, tape: MLPTape, v: torch.Tensor, *,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """:math:`H(\\theta) v`, the Hessian of the loss :meth:`loss_grad` differentiated (at
+        the same θ and batch, whose activations ``tape`` holds) times ``v``.
+
+        Args:
+            theta: ``[N]``, as given to :meth:`loss_grad` (``tape`` holds its views).
+            tape: what :meth:`loss_grad` returned for it.
+            v: ``[N]`` contiguous direction.
+            out: ``[N]`` buffer to write the product into (default: a new one).
+        """
+        hv = torch.empty_like(theta) if out is None else out
+        params, directions = tape.params, self.split(v)
+        last = len(self.layers) - 1
+        r_inputs: list[torch.Tensor | None] = [None]  # Rh_0 = 0
+        r_pre: list[torch.Tensor] = []
+        for i, ((w, _), (dw, db)) in enumerate(zip(params, directions)):
+            h = tape.inputs[i]
+            ra = F.linear(h, dw, db)
+            if i > 0:
+                ra.addmm_(r_inputs[i], w.t())
+            r_pre.append(ra)
+            if i < last:
+                r_inputs.append(self.activations[i].backward(ra, tape.inputs[i + 1]))
+        # With Q = P/B: Rδ_L = Q ⊙ Rz - Q ⊙ Σ_c (P ⊙ Rz) = Q ⊙ Rz - B Q ⊙ Σ_c (Q ⊙ Rz).
+        q = tape.scaled_probs
+        q_rz = q * r_pre[-1]
+        r_delta = torch.addcmul(q_rz, q, q_rz.sum(1, keepdim=True), value=-q.shape[0])
+        for i, (hw, hb) in reversed(list(enumerate(self.split(hv)))):
+            torch.mm(r_delta.t(), tape.inputs[i], out=hw)
+            if i > 0:
+                hw.addmm_(tape.deltas[i].t(), r_inputs[i])
+            if hb is not None:
+                torch.sum(r_delta, 0, out=hb)
+            if i > 0:
+                act, h = self.activations[i - 1], tape.inputs[i]
+                u = torch.mm(r_delta, params[i][0]).addmm_(tape.deltas[i], directions[i][0])
+                r_delta = act.backward(u, h)
+                if act.curvature is not None:  # (δ_l W_l) ⊙ σ'' ⊙ Ra = δ_{l-1} ⊙ σ''/σ' ⊙ Ra
+                    r_delta.addcmul_(tape.deltas[i - 1] * act.curvature(h), r_pre[i - 1])
+        return hv
+
+
+def mlp_spec(model: nn.Module, layout: FlatLayout | None = None) -> MLPSpec | None:
+    """:meth:`MLPSpec.of`, or None when the model is not a supported MLP."""
+    try:
+        return MLPSpec.of(model, layout)
+    except UnsupportedModel:
+        return None

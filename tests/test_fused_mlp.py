@@ -1,0 +1,204 @@
+"""fastmeta.fused_mlp: the hand-written gradient and Hessian-vector product against autograd in
+float64, and the models and batches it must refuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmeta.flat import FlatLayout
+from fastmeta.fused_mlp import MLPSpec, UnsupportedModel, mlp_spec
+
+# Both sides compute the same products in float64, in a different order.
+RTOL = 1e-10
+ACTIVATIONS = [nn.ReLU, nn.Tanh, nn.Sigmoid]
+IN_FEATURES, CLASSES = 5, 3
+
+
+def _mlp(activation: type[nn.Module], depth: int, bias: bool) -> nn.Sequential:
+    """``depth`` Linear layers 5 -> 7 -> 6 -> ... -> 3 with ``activation`` between them."""
+    widths = [IN_FEATURES, 7, 6, 4][:depth] + [CLASSES]
+    modules: list[nn.Module] = []
+    for i in range(depth):
+        if i:
+            modules.append(activation())
+        modules.append(nn.Linear(widths[i], widths[i + 1], bias=bias))
+    return nn.Sequential(*modules).double()
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """rtol RTOL, with an absolute floor at RTOL of the largest entry (some entries are sums
+    that cancel to nearly 0)."""
+    torch.testing.assert_close(actual, expected, rtol=RTOL,
+                               atol=RTOL * float(expected.abs().max()))
+
+
+def _autograd_grad_and_hvp(model, layout, theta, x, y, v):
+    theta = theta.detach().requires_grad_()
+    loss = F.cross_entropy(layout.call_unchecked(model, theta, (x,)), y)
+    (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+    (hv,) = torch.autograd.grad(grad, theta, v)
+    return grad.detach(), hv
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: a.__name__)
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("batch", [1, 9])
+def test_gradient_and_hvp_match_autograd(activation, depth, bias, batch):
+    model = _mlp(activation, depth, bias)
+    layout = FlatLayout.of(model)
+    spec = MLPSpec.of(model, layout)
+    theta = layout.flatten(model)
+    x = torch.randn(batch, IN_FEATURES, dtype=torch.float64) * 2
+    y = torch.randint(0, CLASSES, (batch,))
+    v = torch.randn_like(theta)
+    grad, tape = spec.loss_grad(theta, x, y)
+    hv = spec.hvp(theta, tape, v)
+    expected_grad, expected_hv = _autograd_grad_and_hvp(model, layout, theta, x, y, v)
+    _close(grad, expected_grad)
+    _close(hv, expected_hv)
+
+
+def test_outputs_are_written_into_the_given_buffers():
+    model = _mlp(nn.Tanh, 2, True)
+    layout = FlatLayout.of(model)
+    spec = MLPSpec.of(model, layout)
+    theta = layout.flatten(model)
+    x, y = torch.randn(6, IN_FEATURES, dtype=torch.float64), torch.randint(0, CLASSES, (6,))
+    out = torch.full_like(theta, float("nan"))
+    grad, tape = spec.loss_grad(theta, x, y, out=out)
+    assert grad is out and torch.isfinite(out).all()
+    hv_out = torch.full_like(theta, float("nan"))
+    v = torch.randn_like(theta)
+    assert spec.hvp(theta, tape, v, out=hv_out) is hv_out
+    _close(hv_out, _autograd_grad_and_hvp(model, layout, theta, x, y, v)[1])
+
+
+def test_relu_kink_has_zero_slope_as_in_autograd():
+    """Pre-activations exactly 0 (zero weights and bias): autograd's ReLU derivative there is
+    0, and so is ours."""
+    model = _mlp(nn.ReLU, 2, True)
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    layout = FlatLayout.of(model)
+    spec = MLPSpec.of(model, layout)
+    theta = layout.flatten(model)
+    x, y = torch.randn(4, IN_FEATURES, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    v = torch.randn_like(theta)
+    grad, tape = spec.loss_grad(theta, x, y)
+    expected_grad, expected_hv = _autograd_grad_and_hvp(model, layout, theta, x, y, v)
+    _close(grad, expected_grad)
+    _close(spec.hvp(theta, tape, v), expected_hv)
+
+
+def test_float32_matches_autograd():
+    model = _mlp(nn.Sigmoid, 3, True).float()
+    layout = FlatLayout.of(model)
+    spec = MLPSpec.of(model, layout)
+    theta = layout.flatten(model)
+    x, y = torch.randn(16, IN_FEATURES), torch.randint(0, CLASSES, (16,))
+    v = torch.randn_like(theta)
+    grad, tape = spec.loss_grad(theta, x, y)
+    expected_grad, expected_hv = _autograd_grad_and_hvp(model, layout, theta, x, y, v)
+    torch.testing.assert_close(grad, expected_grad)
+    torch.testing.assert_close(spec.hvp(theta, tape, v), expected_hv)
+
+
+def test_label_out_of_range_raises():
+    model = _mlp(nn.ReLU, 2, True)
+    layout = FlatLayout.of(model)
+    theta = layout.flatten(model)
+    x = torch.randn(2, IN_FEATURES, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        MLPSpec.of(model, layout).loss_grad(theta, x, torch.tensor([0, CLASSES]))
+
+
+class _MyLinear(nn.Linear):
+    pass
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _tied() -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    return model
+
+
+def _hooked() -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    model[0].register_forward_hook(lambda module, args, out: out * 2)
+    return model
+
+
+UNSUPPORTED = [
+    (lambda: _TwoLayers(), "not an nn.Sequential"),
+    (lambda: nn.Sequential(), "last module"),
+    (lambda: nn.Sequential(nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 3)),
+     r"module '1' \(GELU\) is not an nn.ReLU"),
+    (lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False),
+                           nn.ReLU(), nn.Linear(4, 3)), r"'1' \(BatchNorm1d\)"),
+    (lambda: nn.Sequential(nn.Unflatten(1, (1, 5)), nn.Conv1d(1, 2, 3), nn.Flatten(),
+                           nn.Linear(6, 3)), r"'0' \(Unflatten\) is not an nn.Linear"),
+    (lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), nn.Tanh()),
+     r"last module \(Tanh\) is not an nn.Linear"),
+    (lambda: nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)), r"'1' \(Linear\) is not an nn.ReLU"),
+    (lambda: nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.ReLU(), nn.Linear(4, 3)),
+     r"'2' \(ReLU\) is not an nn.Linear"),
+    (lambda: nn.Sequential(_MyLinear(5, 4), nn.ReLU(), nn.Linear(4, 3)),
+     r"'0' \(_MyLinear\) is not an nn.Linear"),
+    (_tied, "tied weights"),
+    (_hooked, "module '0' has forward hooks"),
+]
+
+
+@pytest.mark.parametrize("make, match", UNSUPPORTED)
+def test_unsupported_models_are_refused(make, match):
+    model = make()
+    assert mlp_spec(model) is None
+    with pytest.raises(UnsupportedModel, match=match):
+        MLPSpec.of(model)
+
+
+def test_layout_of_another_model_is_refused():
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    other = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    with pytest.raises(UnsupportedModel, match="layout of another model"):
+        MLPSpec.of(model, FlatLayout.of(other))
+
+
+def test_global_forward_hooks_are_refused():
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    try:
+        with pytest.raises(UnsupportedModel, match="global module forward hooks"):
+            MLPSpec.of(model)
+    finally:
+        handle.remove()
+    assert mlp_spec(model) is not None
+
+
+@pytest.mark.parametrize("x, y, match", [
+    (torch.randn(4, 6), torch.zeros(4, dtype=torch.long), r"shape \[4, 6\], not \[B, 5\]"),
+    (torch.randn(0, 5), torch.zeros(0, dtype=torch.long), "B >= 1"),
+    (torch.randn(4, 5, dtype=torch.float64), torch.zeros(4, dtype=torch.long), "float64"),
+    (torch.randn(4, 5, requires_grad=True), torch.zeros(4, dtype=torch.long), "require grad"),
+    (torch.randn(4, 5), torch.zeros(4), "labels are torch.float32"),
+    (torch.randn(4, 5), torch.zeros(3, dtype=torch.long), r"labels .* \[3\]"),
+    ("x", torch.zeros(4, dtype=torch.long), "not a pair of tensors"),
+])
+def test_unsupported_batches_are_refused(x, y, match):
+    spec = MLPSpec.of(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)))
+    with pytest.raises(UnsupportedModel, match=match):
+        spec.check_batch(x, y, dtype=torch.float32, device=torch.device("cpu"))
