@@ -486,19 +486,23 @@ void batched_backward(BackwardKernel kernel, int num_hypers, int64_t param, int6
   }
 }
 
-// The roofline probe: reads num_reads float32 arrays of n elements and writes the first
-// num_writes of them back in place, with the same chunking and threads as the optimizers.
-void stream(const Ptrs& arrays, int num_writes, int64_t n) {
-  const int num_reads = static_cast<int>(arrays.size());
+// The roofline probe: streams[s][t] is tensor t of stream s (numels[t] float32 elements, the
+// same in every stream); reads every stream and writes the first num_writes back in place,
+// with the same chunking and threads as the optimizers. One tensor per stream measures the
+// machine; an optimizer's own tensor lists measure what those very bytes, wherever they were
+// allocated, can cost.
+void stream(const std::vector<Ptrs>& streams, int num_writes, const std::vector<int64_t>& numels) {
+  const int num_reads = static_cast<int>(streams.size());
   if (num_reads < 1 || num_reads > 5 || num_writes < 1 || num_writes > 4 || num_writes > num_reads)
-    throw std::invalid_argument("stream: needs 1 to 5 arrays and 1 to 4 writes, no more writes "
-                                "than arrays");
-  std::vector<float*> a(arrays.size());
-  for (size_t i = 0; i < arrays.size(); ++i) a[i] = static_cast<float*>(ptr_at(arrays, i));
+    throw std::invalid_argument("stream: needs 1 to 5 streams and 1 to 4 writes, no more writes "
+                                "than streams");
+  for (const Ptrs& list : streams) check_list(list, numels.size(), "streams[i]", false);
   const auto kernel = kernels().stream;
   py::gil_scoped_release no_gil;
-  for_each_chunk({n}, [&](int64_t, int64_t begin, int64_t len) {
-    kernel(a.data(), num_reads, num_writes, begin, len);
+  for_each_chunk(numels, [&](int64_t t, int64_t begin, int64_t len) {
+    float* a[5];
+    for (int i = 0; i < num_reads; ++i) a[i] = static_cast<float*>(ptr_at(streams[i], t));
+    kernel(a, num_reads, num_writes, begin, len);
   });
 }
 
@@ -856,7 +860,8 @@ PYBIND11_MODULE(_C, m) {
         "VJP of lstm_rule_forward; weight_grad receives the float64 weight gradients, flat.");
   m.def("lstm_rule_weight_numel", &lstm_weight_numel, py::arg("hidden"),
         "Length of lstm_rule_backward's flat weight_grad for this hidden size.");
-  m.def("stream", &stream, py::arg("arrays"), py::arg("num_writes"), py::arg("n"),
-        "Memory-roofline probe: reads every float32 array (n elements each) and writes the "
-        "first num_writes of them back in place.");
+  m.def("stream", &stream, py::arg("streams"), py::arg("num_writes"), py::arg("numels"),
+        "Memory-roofline probe: streams[s] lists the addresses of stream s's float32 tensors "
+        "(numels[t] elements for tensor t); reads every stream and writes the first num_writes "
+        "back in place.");
 }

@@ -1,9 +1,16 @@
-"""The benchmark harness's round-robin timing (fastmeta/bench/harness.py): how it calls the
-sides, not how fast they are (tests never assert a timing)."""
+"""The benchmark harness (fastmeta/bench/harness.py): how the round-robin timing calls the sides,
+and what the stream probes read and write, not how fast anything is (tests never assert a
+timing)."""
 
 from __future__ import annotations
 
+import pytest
+import torch
+
+import fastmeta.optim as fo
+from fastmeta import backends
 from fastmeta.bench import harness
+from fastmeta.bench.optimizers import STREAMS, make_params, own_streams
 
 
 def test_round_robin_times_every_side_once_per_cycle_starting_one_later_each_cycle():
@@ -34,3 +41,44 @@ def test_round_robin_times_every_side_once_per_cycle_starting_one_later_each_cyc
     # Every side follows every other side in some cycle.
     followers = {(expected[j - 1], expected[j]) for j in range(1, len(expected))}
     assert {(a, b) for a in names for b in names if a != b} <= followers
+
+
+def _needs_native():
+    if backends.native() is None:
+        pytest.skip("the native extension is not built")
+
+
+def test_stream_probe_on_given_tensor_lists_reads_every_stream_and_writes_the_first():
+    _needs_native()
+    sizes = [5, 17, 40_000]  # a list of uneven tensors, one longer than a chunk
+    streams = [[torch.rand(n) for n in sizes] for _ in range(3)]
+    before = [[t.clone() for t in s] for s in streams]
+    probe = harness.stream_probe_on(lambda: streams, writes=2)
+    probe()
+    for t in range(len(sizes)):
+        total = sum(before[s][t] for s in range(3)) / 5  # the probe scales by 1/(reads+writes)
+        torch.testing.assert_close(streams[0][t], total)
+        torch.testing.assert_close(streams[1][t], total + 1)
+        torch.testing.assert_close(streams[2][t], before[2][t])  # read only
+
+
+def test_stream_probe_on_refuses_streams_that_do_not_match():
+    _needs_native()
+    probe = harness.stream_probe_on(lambda: [[torch.rand(4)], [torch.rand(5)]], writes=1)
+    with pytest.raises(ValueError, match="matching the first stream"):
+        probe()
+
+
+def test_own_streams_lists_params_state_and_grads_as_the_step_moves_them():
+    for name, cls, config in (("SGD", fo.SGD, {"lr": 0.1, "momentum": 0.9}),
+                              ("Adam", fo.Adam, {"lr": 0.1})):
+        params = make_params([(3, 2), (4,)])
+        opt = cls(params, **config)
+        opt.step()
+        reads, writes = STREAMS[name]
+        streams = own_streams(opt, reads, writes)
+        assert len(streams) == reads
+        assert streams[0] == params and streams[-1] == [p.grad for p in params]
+        assert all(s[i].shape == p.shape for s in streams for i, p in enumerate(params))
+        with pytest.raises(ValueError, match="reads"):
+            own_streams(opt, reads + 1, writes)

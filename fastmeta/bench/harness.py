@@ -171,18 +171,47 @@ def time_round_robin(
 def stream_probe(num_elements: int, reads: int, writes: int) -> Callable[[], None] | None:
     """The roofline probe on fresh float32 arrays of ``num_elements`` each: ``reads`` streams
     in, ``writes`` of them written back in place. None without the extension."""
+    if num_elements == 0:
+        return None
+    arrays = [[torch.rand(num_elements)] for _ in range(reads)]
+    probe = stream_probe_on(lambda: arrays, writes)
+    if probe is not None:
+        probe.arrays = arrays  # type: ignore[attr-defined]  # alive as long as the probe
+    return probe
+
+
+def stream_probe_on(
+    streams: Callable[[], list[list[torch.Tensor]]], writes: int
+) -> Callable[[], None] | None:
+    """The roofline probe on given tensors: ``streams()`` returns one list of float32 CPU
+    tensors per stream (tensor t of every stream has the same number of elements), the
+    ``writes`` first streams written back in place. It is called at the probe's first call,
+    so it may name optimizer state that the first step creates. None without the extension.
+
+    Run on an optimizer's own params, grads and state, it measures what moving those very
+    bytes costs, wherever they were allocated: on this machine tensors allocated at different
+    moments of a process streamed up to ~5% apart, which a probe on fresh arrays cannot see.
+    The probe overwrites the tensors with finite junk (their mean and small offsets)."""
     from fastmeta import backends
 
     native = backends.native()
-    if native is None or num_elements == 0:
+    if native is None:
         return None
-    arrays = [torch.rand(num_elements) for _ in range(reads)]
-    addresses = [a.data_ptr() for a in arrays]
+    bound: list[Any] = []
 
     def probe() -> None:
-        native.stream(addresses, writes, num_elements)
+        if not bound:
+            lists = streams()
+            for tensors in lists:
+                for t, first in zip(tensors, lists[0]):
+                    if (t.dtype != torch.float32 or t.device.type != "cpu"
+                            or not t.is_contiguous() or t.numel() != first.numel()):
+                        raise ValueError("stream_probe_on: every stream needs contiguous "
+                                         "float32 CPU tensors matching the first stream's")
+            bound.extend([[[t.data_ptr() for t in tensors] for tensors in lists],
+                          [t.numel() for t in lists[0]], lists])
+        native.stream(bound[0], writes, bound[1])
 
-    probe.arrays = arrays  # type: ignore[attr-defined]  # alive as long as the probe
     return probe
 
 
@@ -266,6 +295,8 @@ class Row:
     ours: Timing
     baselines: dict[str, Timing | None] = field(default_factory=dict)
     floor: Timing | None = None
+    #: the stream probe on our own tensors (:func:`stream_probe_on`), where measured
+    floor_same_tensors: Timing | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
     def speedup(self, baseline: str) -> float | None:
@@ -277,6 +308,12 @@ class Row:
         """The stream floor as a fraction of our time (1.0 means at the floor)."""
         return None if self.floor is None else self.floor.median / self.ours.median
 
+    def roofline_same_tensors(self) -> float | None:
+        """The stream floor on our own tensors as a fraction of our time."""
+        if self.floor_same_tensors is None:
+            return None
+        return self.floor_same_tensors.median / self.ours.median
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -285,22 +322,28 @@ class Row:
             "floor": asdict(self.floor) if self.floor else None,
             "speedup": {k: self.speedup(k) for k in self.baselines},
             "roofline_fraction": self.roofline(),
+            "floor_same_tensors": (asdict(self.floor_same_tensors)
+                                   if self.floor_same_tensors else None),
+            "roofline_fraction_same_tensors": self.roofline_same_tensors(),
             "notes": self.notes,
         }
 
 
 def format_table(rows: list[Row], baselines: list[str]) -> str:
     """A plain-text table: our median (spread), each baseline's median and our speedup over it,
-    and the percentage of the stream roofline."""
-    head = ["workload", "fastmeta"] + [f"{b} (x)" for b in baselines] + ["% floor"]
+    and the percentage of the stream roofline (fresh arrays; and on our own tensors when any
+    row measured it)."""
+    same = any(r.floor_same_tensors is not None for r in rows)
+    head = (["workload", "fastmeta"] + [f"{b} (x)" for b in baselines] + ["% floor"]
+            + (["% floor (same tensors)"] if same else []))
     lines = [head]
     for r in rows:
         cells = [r.name, f"{r.ours.median * 1e3:.4f} ms ±{r.ours.spread * 50:.0f}%"]
         for b in baselines:
             t = r.baselines.get(b)
             cells.append("-" if t is None else f"{t.median * 1e3:.4f} ({r.speedup(b):.2f}x)")
-        frac = r.roofline()
-        cells.append("-" if frac is None else f"{100 * frac:.0f}%")
+        fractions = [r.roofline()] + ([r.roofline_same_tensors()] if same else [])
+        cells += ["-" if frac is None else f"{100 * frac:.0f}%" for frac in fractions]
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = []

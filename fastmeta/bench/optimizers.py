@@ -7,6 +7,7 @@ in the same run."""
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -49,6 +50,21 @@ def make_params(shapes, seed: int = 0, device: str = "cpu") -> list[torch.Tensor
     return params
 
 
+def own_streams(opt: torch.optim.Optimizer, reads: int, writes: int) -> list[list[torch.Tensor]]:
+    """The tensors an optimizer's step streams, as :func:`harness.stream_probe_on` takes them:
+    the params and then every state tensor shaped like them (the written streams, in state
+    order), then the grads (read only). Call it after the first step (the state exists)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    keys = [k for k, v in opt.state[params[0]].items()
+            if isinstance(v, torch.Tensor) and v.shape == params[0].shape]
+    streams = [params, *([opt.state[p][k] for p in params] for k in keys),
+               [p.grad for p in params]]
+    if len(streams) != reads or 1 + len(keys) != writes:
+        raise ValueError(f"own_streams: {type(opt).__name__} keeps {keys}, not the "
+                         f"{reads} reads / {writes} writes benchmarked")
+    return streams
+
+
 def bench_optimizer(
     name: str,
     *,
@@ -75,11 +91,12 @@ def bench_optimizer(
         # fastmeta's optimizer is made first, on purpose: on this machine whichever side was
         # made first ran 5-20% slower on the ResNet-18 list (torch's fused SGD: 71-77% of the
         # floor made first, 85-90% made second; ours 88-92% and 93-98%), whatever the timing
-        # order; a set of params allocated beforehand, freed or kept alive, did not take the
-        # penalty instead. Going first keeps our ratios a lower bound.
-        steps: dict[str, Callable[[], Any]] = {
-            "fastmeta": ours_cls(make_params(shapes, device=device), **config).step,
-        }
+        # order; a set of params allocated beforehand, freed or kept alive, or a throwaway
+        # optimizer set up and stepped first, did not take the penalty instead. Going first
+        # keeps our ratios a lower bound, and the stream probe on our own tensors (below)
+        # shows what those very bytes can cost.
+        ours_opt = ours_cls(make_params(shapes, device=device), **config)
+        steps: dict[str, Callable[[], Any]] = {"fastmeta": ours_opt.step}
         for variant, flags in TORCH_VARIANTS.items():
             if "fused" in flags and name in NO_TORCH_FUSED:
                 continue  # torch has no fused kernel for this optimizer
@@ -97,6 +114,10 @@ def bench_optimizer(
             probe = harness.stream_probe(numel(shapes), reads, writes)
             if probe is not None:
                 steps["floor"] = probe
+            probe = harness.stream_probe_on(
+                functools.partial(own_streams, ours_opt, reads, writes), writes)
+            if probe is not None:
+                steps["floor (same tensors)"] = probe
         progress(f"{name} on {workload}: timing {', '.join(steps)} (round-robin; floor "
                  f"{reads}R/{writes}W)")
         if device == "cuda":
@@ -105,14 +126,16 @@ def bench_optimizer(
             timings = harness.time_round_robin(steps, min_run_time=min_run_time)
         ours = timings.pop("fastmeta")
         floor = harness.cuda_copy_floor(nbytes) if device == "cuda" else timings.pop("floor", None)
+        floor_same_tensors = timings.pop("floor (same tensors)", None)
         baselines: dict[str, harness.Timing | None] = {
             variant: timings.get(variant) for variant in TORCH_VARIANTS
         }
         if compile_baseline:
             baselines["compile"] = timings["compile"]
-        del steps, timings  # free this workload's tensors before the next one
+        del steps, timings, ours_opt  # free this workload's tensors before the next one
         yield harness.Row(
             name=f"{name} {workload}", ours=ours, baselines=baselines, floor=floor,
+            floor_same_tensors=floor_same_tensors,
             notes={"tensors": len(shapes), "elements": numel(shapes),
                    "bytes": nbytes, "config": str(config), "device": device,
                    "timing": "round-robin" if device != "cuda" else "do_bench"},
