@@ -71,9 +71,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmeta._autograd import Function
 from fastmeta.flat import FlatLayout
 
-__all__ = ["MLPSpec", "MLPTape", "UnsupportedModel", "mlp_spec"]
+__all__ = ["LOSSES", "MLPSpec", "MLPTape", "TaskLossGrad", "UnsupportedModel", "mlp_spec",
+           "task_loss_grads"]
 
 
 class UnsupportedModel(ValueError):
@@ -127,13 +129,61 @@ class MLPTape:
         params: :math:`(W_l, b_l)` of every layer, views of θ.
         inputs: :math:`h_{l-1}`, the input of every layer (the first is the batch ``x``).
         deltas: :math:`\\delta_l` of every layer.
-        scaled_probs: :math:`P / B`, the softmax of the logits over the batch size.
+        scaled_probs: cross-entropy: :math:`P / B`, the softmax of the logits over the batch
+            size; mean squared error: None.
+        mse_scale: mean squared error: :math:`2 / (B C)`, so that
+            :math:`\\delta_L = 2 (z - y) / (B C)`; cross-entropy: None.
+        outputs: the model's output :math:`z` (the logits).
     """
 
     params: list[tuple[torch.Tensor, torch.Tensor | None]]
     inputs: list[torch.Tensor]
     deltas: list[torch.Tensor]
-    scaled_probs: torch.Tensor
+    scaled_probs: torch.Tensor | None
+    mse_scale: float | None
+    outputs: torch.Tensor
+
+
+LOSSES = ("cross_entropy", "mse")
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for batches of matrices ``[T, m, k] @ [T, k, n]``.
+
+    torch's CPU ``bmm`` runs one ``select`` + ``addmm_`` per task once a product has 400
+    multiply-adds or more (a few µs each: 0.1 ms per product at T = 25), so products with a
+    dimension of 1, which the first and last layers of a narrow MLP have (the sinusoid's
+    1-40-40-1), are written as one broadcast multiply (and a sum) instead.
+    """
+    if a.shape[-1] == 1:  # an outer product per task
+        return a * b
+    if b.shape[-1] == 1:  # matrix-vector
+        return (a * b.transpose(1, 2)).sum(2, keepdim=True)
+    if a.shape[-2] == 1:  # vector-matrix
+        return (a.transpose(1, 2) * b).sum(1, keepdim=True)
+    return torch.bmm(a, b)
+
+
+def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """:math:`h W^\top + b`, for one task (``h [B, in]``, ``w [out, in]``) or T tasks (a
+    leading T on all three)."""
+    if w.dim() == 2:
+        return F.linear(h, w, b)
+    out = _bmm(h, w.transpose(1, 2))
+    return out if b is None else out.add_(b.unsqueeze(1))
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` for matrices or batches of matrices, into ``out`` if given."""
+    if a.dim() == 2:
+        return torch.mm(a, b, out=out)
+    product = _bmm(a, b)
+    return product if out is None else out.copy_(product)
+
+
+def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` in place, for matrices or batches of matrices."""
+    return acc.addmm_(a, b) if a.dim() == 2 else acc.add_(_bmm(a, b))
 
 
 class MLPSpec:
@@ -161,16 +211,25 @@ class MLPSpec:
         Raises:
             UnsupportedModel: ``model`` is not exactly such an MLP, or ``layout`` is not its.
         """
+        body, prefix = model, ""
         if type(model) is not nn.Sequential:
-            raise UnsupportedModel(f"the model is a {type(model).__name__}, not an "
-                                   "nn.Sequential")
+            # A model class may declare that its forward is exactly one nn.Sequential child's
+            # (fastmeta.meta.MLP does): the declaration is read on the exact class only, so a
+            # subclass (which may override forward) is refused.
+            name = vars(type(model)).get("fused_mlp_body")
+            body = getattr(model, name, None) if isinstance(name, str) else None
+            if type(body) is not nn.Sequential or len(list(model.children())) != 1:
+                raise UnsupportedModel(f"the model is a {type(model).__name__}, not an "
+                                       "nn.Sequential (or a class declaring fused_mlp_body)")
+            prefix = name + "."
         hooks = [getattr(nn.modules.module, name, None) for name in (
             "_global_forward_hooks", "_global_forward_pre_hooks",
             "_global_forward_hooks_always_called")]
         if any(hooks):
             raise UnsupportedModel("global module forward hooks are registered")
-        modules = list(model.named_children())
-        for j, (name, m) in enumerate([("", model), *modules]):
+        modules = list(body.named_children())
+        outer = [("", model)] + ([(prefix[:-1], body)] if prefix else [])
+        for j, (name, m) in enumerate([*outer, *modules]):
             if m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m):
                 where = "the model" if j == 0 else f"module {name!r}"
                 raise UnsupportedModel(f"{where} has forward hooks or a replaced forward")
@@ -200,7 +259,7 @@ class MLPSpec:
         entries = {e.name: (i, e) for i, e in enumerate(layout.entries)}
         layers: list[_Layer] = []
         for name, m in linears:
-            w, b = entries.get(f"{name}.weight"), entries.get(f"{name}.bias")
+            w, b = entries.get(f"{prefix}{name}.weight"), entries.get(f"{prefix}{name}.bias")
             if (w is None or w[1].shape != (m.out_features, m.in_features)
                     or (m.bias is not None and (b is None or b[1].shape != (m.out_features,)))):
                 raise UnsupportedModel(f"module {name!r}'s parameters are not in the layout as "
@@ -212,9 +271,10 @@ class MLPSpec:
         return cls(tuple(layers), tuple(activations), tuple(e.numel for e in layout.entries))
 
     def split(self, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """:math:`(W_l, b_l)` of every layer: views of the flat ``[N]`` buffer."""
-        chunks = flat.split_with_sizes(self.sizes)
-        return [(chunks[layer.weight].view(layer.out_features, layer.in_features),
+        """:math:`(W_l, b_l)` of every layer: views of the flat ``[N]`` buffer (``[out, in]``
+        and ``[out]``), or of a ``[T, N]`` one (``[T, out, in]`` and ``[T, out]``)."""
+        chunks = flat.split_with_sizes(self.sizes, dim=-1)
+        return [(chunks[layer.weight].unflatten(-1, (layer.out_features, layer.in_features)),
                  None if layer.bias is None else chunks[layer.bias]) for layer in self.layers]
 
     def check_batch(self, x: object, y: object, *, dtype: torch.dtype, device: torch.device,
@@ -240,53 +300,79 @@ class MLPSpec:
                                    f"{device}")
 
     def loss_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
-                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, MLPTape]:
-        """:math:`\\nabla_\\theta \\ell(\\theta; x, y)` of the mean cross-entropy, without autograd.
+                  out: torch.Tensor | None = None, loss: str = "cross_entropy",
+                  want_losses: bool = False):
+        """:math:`\\nabla_\\theta \\ell(\\theta; x, y)` of the mean loss, without autograd; for
+        T tasks at once, each task's own gradient (of the sum of the task losses).
 
         Args:
-            theta: ``[N]`` contiguous flat parameters.
-            x: ``[B, in_features]`` inputs; y: ``[B]`` class indices in ``[0, classes)``
-                (no ``ignore_index``: an index out of range raises).
-            out: ``[N]`` buffer to write the gradient into (default: a new one).
+            theta: ``[N]`` flat parameters, or ``[T, N]`` (one row per task).
+            x: ``[B, in_features]`` inputs (``[T, B, in_features]`` for T tasks).
+            y: cross-entropy: ``[B]`` (``[T, B]``) class indices in ``[0, classes)`` (no
+                ``ignore_index``: an index out of range raises); mean squared error: targets
+                shaped like the output, ``[B, classes]`` (``[T, B, classes]``).
+            out: buffer shaped like ``theta`` to write the gradient into (default: new).
+            loss: ``"cross_entropy"`` (``F.cross_entropy``, mean over the batch) or ``"mse"``
+                (``F.mse_loss``, mean over the batch and the outputs).
+            want_losses: also return the loss value(s): ``()``, or ``[T]`` for T tasks.
 
         Returns:
-            ``(grad, tape)``: the ``[N]`` gradient and what :meth:`hvp` needs.
+            ``(grad, tape)``, or ``(grad, tape, losses)`` with ``want_losses``: the gradient
+            shaped like ``theta`` and what :meth:`hvp` needs.
         """
         params = self.split(theta)
         grad = torch.empty_like(theta) if out is None else out
         h = x
         inputs = [x]
         for i, (w, b) in enumerate(params):
-            a = F.linear(h, w, b)
+            a = _linear(h, w, b)
             if i < len(self.activations):
                 h = self.activations[i].forward(a)
                 inputs.append(h)
-        rows = x.shape[0]
-        scaled_probs = torch.softmax(a, 1).mul_(1.0 / rows)
-        # δ_L = P/B - onehot(y)/B; scatter_add raises on a label out of range.
-        delta = scaled_probs.scatter_add(1, y.unsqueeze(1),
-                                         scaled_probs.new_full((rows, 1), -1.0 / rows))
+        rows = x.shape[-2]
+        scaled_probs, mse_scale, losses = None, None, None
+        if loss == "cross_entropy":
+            if want_losses:
+                log_probs = torch.log_softmax(a, -1)
+                losses = -log_probs.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(-1)
+                scaled_probs = log_probs.exp_().mul_(1.0 / rows)
+            else:
+                scaled_probs = torch.softmax(a, -1).mul_(1.0 / rows)
+            # δ_L = P/B - onehot(y)/B; scatter_add raises on a label out of range.
+            delta = scaled_probs.scatter_add(-1, y.unsqueeze(-1),
+                                             scaled_probs.new_full((*y.shape, 1), -1.0 / rows))
+        elif loss == "mse":
+            mse_scale = 2.0 / (rows * a.shape[-1])
+            error = a - y
+            if want_losses:
+                losses = error.square().mean((-2, -1))
+            delta = error.mul_(mse_scale)  # δ_L = 2 (z - y) / (B C)
+        else:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         deltas = [delta]
         for i, (gw, gb) in reversed(list(enumerate(self.split(grad)))):
-            torch.mm(delta.t(), inputs[i], out=gw)
+            _mm(delta.transpose(-2, -1), inputs[i], out=gw)
             if gb is not None:
-                torch.sum(delta, 0, out=gb)
+                torch.sum(delta, -2, out=gb)
             if i > 0:
-                delta = self.activations[i - 1].backward(torch.mm(delta, params[i][0]), inputs[i])
+                delta = self.activations[i - 1].backward(_mm(delta, params[i][0]), inputs[i])
                 deltas.append(delta)
         deltas.reverse()
-        return grad, MLPTape(params, inputs, deltas, scaled_probs)
+        tape = MLPTape(params, inputs, deltas, scaled_probs, mse_scale, a)
+        return (grad, tape, losses) if want_losses else (grad, tape)
 
     def hvp(self, theta: torch.Tensor, tape: MLPTape, v: torch.Tensor, *,
             out: torch.Tensor | None = None) -> torch.Tensor:
         """:math:`H(\\theta) v`, the Hessian of the loss :meth:`loss_grad` differentiated (at
-        the same θ and batch, whose activations ``tape`` holds) times ``v``.
+        the same θ and batch, whose activations ``tape`` holds) times ``v``; for T tasks, each
+        task's own Hessian times its row of ``v``.
 
         Args:
-            theta: ``[N]``, as given to :meth:`loss_grad` (``tape`` holds its views).
+            theta: ``[N]`` or ``[T, N]``, as given to :meth:`loss_grad` (``tape`` holds its
+                views).
             tape: what :meth:`loss_grad` returned for it.
-            v: ``[N]`` contiguous direction.
-            out: ``[N]`` buffer to write the product into (default: a new one).
+            v: direction shaped like ``theta``.
+            out: buffer shaped like ``theta`` to write the product into (default: new).
         """
         hv = torch.empty_like(theta) if out is None else out
         params, directions = tape.params, self.split(v)
@@ -295,25 +381,28 @@ class MLPSpec:
         r_pre: list[torch.Tensor] = []
         for i, ((w, _), (dw, db)) in enumerate(zip(params, directions)):
             h = tape.inputs[i]
-            ra = F.linear(h, dw, db)
+            ra = _linear(h, dw, db)
             if i > 0:
-                ra.addmm_(r_inputs[i], w.t())
+                _addmm_(ra, r_inputs[i], w.transpose(-2, -1))
             r_pre.append(ra)
             if i < last:
                 r_inputs.append(self.activations[i].backward(ra, tape.inputs[i + 1]))
-        # With Q = P/B: Rδ_L = Q ⊙ Rz - Q ⊙ Σ_c (P ⊙ Rz) = Q ⊙ Rz - B Q ⊙ Σ_c (Q ⊙ Rz).
-        q = tape.scaled_probs
-        q_rz = q * r_pre[-1]
-        r_delta = torch.addcmul(q_rz, q, q_rz.sum(1, keepdim=True), value=-q.shape[0])
+        if tape.scaled_probs is not None:
+            # With Q = P/B: Rδ_L = Q ⊙ Rz - Q ⊙ Σ_c (P ⊙ Rz) = Q ⊙ Rz - B Q ⊙ Σ_c (Q ⊙ Rz).
+            q = tape.scaled_probs
+            q_rz = q * r_pre[-1]
+            r_delta = torch.addcmul(q_rz, q, q_rz.sum(-1, keepdim=True), value=-q.shape[-2])
+        else:
+            r_delta = r_pre[-1].mul_(tape.mse_scale)  # Rδ_L = 2 Rz / (B C)
         for i, (hw, hb) in reversed(list(enumerate(self.split(hv)))):
-            torch.mm(r_delta.t(), tape.inputs[i], out=hw)
+            _mm(r_delta.transpose(-2, -1), tape.inputs[i], out=hw)
             if i > 0:
-                hw.addmm_(tape.deltas[i].t(), r_inputs[i])
+                _addmm_(hw, tape.deltas[i].transpose(-2, -1), r_inputs[i])
             if hb is not None:
-                torch.sum(r_delta, 0, out=hb)
+                torch.sum(r_delta, -2, out=hb)
             if i > 0:
                 act, h = self.activations[i - 1], tape.inputs[i]
-                u = torch.mm(r_delta, params[i][0]).addmm_(tape.deltas[i], directions[i][0])
+                u = _addmm_(_mm(r_delta, params[i][0]), tape.deltas[i], directions[i][0])
                 r_delta = act.backward(u, h)
                 if act.curvature is not None:  # (δ_l W_l) ⊙ σ'' ⊙ Ra = δ_{l-1} ⊙ σ''/σ' ⊙ Ra
                     r_delta.addcmul_(tape.deltas[i - 1] * act.curvature(h), r_pre[i - 1])
@@ -326,3 +415,58 @@ def mlp_spec(model: nn.Module, layout: FlatLayout | None = None) -> MLPSpec | No
         return MLPSpec.of(model, layout)
     except UnsupportedModel:
         return None
+
+
+class TaskLossGrad(Function):
+    r"""Every task's training gradient as one autograd node, differentiable once:
+    ``(spec, loss, θ, x, y) -> (g, ℓ, z)`` with :math:`g_t = \nabla \ell_t(\theta_t)`, the task
+    losses :math:`\ell_t` and the outputs :math:`z` (not differentiable: for accuracies), by
+    :meth:`MLPSpec.loss_grad`. Its backward is
+
+    .. math::
+        \bar\theta_t = H_t(\theta_t)\,\bar g_t + \bar\ell_t\, g_t
+
+    by :meth:`MLPSpec.hvp`: what second-order MAML needs from an inner step, without the ~30
+    autograd nodes per step that ``autograd.grad(..., create_graph=True)`` records (and
+    differentiates again) for a small MLP. The backward is not itself differentiable: with
+    ``create_graph=True`` it raises rather than return a silently incomplete third derivative.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: MLPSpec, loss: str, theta, x, y):
+        theta = theta.contiguous()  # e.g. the first step's expand()ed [T, N]
+        grad, tape, losses = spec.loss_grad(theta, x, y, loss=loss, want_losses=True)
+        ctx.spec, ctx.tape, ctx.theta, ctx.grad = spec, tape, theta, grad
+        ctx.mark_non_differentiable(tape.outputs)
+        ctx.set_materialize_grads(False)
+        return grad, losses, tape.outputs
+
+    @staticmethod
+    def backward(ctx, grad_bar, losses_bar, outputs_bar):
+        if torch.is_grad_enabled():  # create_graph=True
+            raise RuntimeError(
+                "fused_mlp.TaskLossGrad: the hand-written MLP gradient is differentiable once, "
+                "and this backward has create_graph=True (a third derivative); use "
+                "strategy='batched' for that")
+        theta_bar = None
+        if grad_bar is not None:
+            theta_bar = ctx.spec.hvp(ctx.theta, ctx.tape, grad_bar.contiguous())
+        if losses_bar is not None:
+            term = losses_bar.unsqueeze(-1) * ctx.grad
+            theta_bar = term if theta_bar is None else theta_bar.add_(term)
+        return None, None, theta_bar, None, None
+
+
+def task_loss_grads(
+    spec: MLPSpec, loss: str, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
+    create_graph: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grads, losses, outputs)`` of every task (see :class:`TaskLossGrad`): differentiable
+    (once) w.r.t. ``theta`` with ``create_graph``; otherwise constants, as a first-order inner
+    step wants them."""
+    if create_graph and torch.is_grad_enabled() and theta.requires_grad:
+        return TaskLossGrad.apply(spec, loss, theta, x, y)
+    with torch.no_grad():
+        grad, tape, losses = spec.loss_grad(theta.detach().contiguous(), x, y, loss=loss,
+                                            want_losses=True)
+    return grad, losses, tape.outputs

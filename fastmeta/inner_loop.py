@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmeta import fused_mlp
 from fastmeta.batched import BatchedModule, unsupported
 from fastmeta.flat import FlatLayout, buffer_mutating_modules
 
@@ -44,7 +45,7 @@ StepFn = Callable[[torch.Tensor, torch.Tensor, Any, int], "tuple[torch.Tensor, A
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 
-STRATEGIES = ("auto", "batched", "vmap", "loop")
+STRATEGIES = ("auto", "mlp", "batched", "vmap", "loop")
 
 # Models on which "auto" found that vmap cannot run (data-dependent control flow, .item(), an
 # op without a batching rule that cannot fall back): they use the loop from then on. Weak, so
@@ -135,7 +136,11 @@ def _wrong_under_vmap_second_order(module: nn.Module) -> list[str]:
 
 
 def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = True) -> str:
-    """Turns ``strategy`` into ``"batched"``, ``"vmap"`` or ``"loop"`` for this model.
+    """Turns ``strategy`` into ``"mlp"``, ``"batched"``, ``"vmap"`` or ``"loop"`` for this model.
+
+    ``"mlp"`` (asked for by name, or taken by :func:`inner_loop` under ``"auto"`` where it
+    applies, see :func:`mlp_plan`) computes the gradients of a plain MLP by hand
+    (:mod:`fastmeta.fused_mlp`).
 
     ``"auto"`` is ``"batched"`` for a model without convolutions that :mod:`fastmeta.batched`
     can run (every layer has a task-batched form; see the measurements above). Otherwise it is
@@ -152,6 +157,12 @@ def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = T
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "mlp":
+        try:
+            fused_mlp.MLPSpec.of(module)
+        except fused_mlp.UnsupportedModel as e:
+            raise ValueError(f"strategy='mlp' cannot run this model: {e}") from None
+        return "mlp"
     if strategy in ("auto", "batched"):
         problems = _unsupported_cached(module)
         if not problems and (strategy == "batched" or not _has_convolutions(module)):
@@ -345,6 +356,58 @@ def _loop_grads(
     return _summed_task_grads(params, create_graph, losses_of)
 
 
+def _mlp_loss(loss_fn: LossFn) -> str | None:
+    """The :mod:`fastmeta.fused_mlp` loss that ``loss_fn`` is, if it is one: ``F.mse_loss``,
+    ``F.cross_entropy``, or their modules with the default (mean) reduction and options."""
+    if loss_fn is F.mse_loss or (type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean"):
+        return "mse"
+    if loss_fn is F.cross_entropy or (
+            type(loss_fn) is nn.CrossEntropyLoss and loss_fn.reduction == "mean"
+            and loss_fn.weight is None and loss_fn.label_smoothing == 0.0):
+        return "cross_entropy"
+    return None
+
+
+def mlp_plan(module: nn.Module, layout: FlatLayout, params: torch.Tensor,
+             inputs: tuple[torch.Tensor, ...], targets: torch.Tensor,
+             loss_fn: LossFn) -> tuple[fused_mlp.MLPSpec, str] | str:
+    """``(spec, loss)`` when :mod:`fastmeta.fused_mlp` computes exactly these task gradients:
+    a plain MLP (:class:`~fastmeta.fused_mlp.MLPSpec`), ``F.mse_loss`` or ``F.cross_entropy``
+    (or their modules, defaults), one ``[T, B, in]`` input of the params' dtype needing no
+    gradient, targets shaped like the outputs (MSE) or ``[T, B]`` class indices in range
+    (cross-entropy), and no torch.func transform around. Otherwise the reason, as a string."""
+    if torch._C._are_functorch_transforms_active():
+        return "torch.func transforms are active"
+    try:
+        spec = fused_mlp.MLPSpec.of(module, layout)
+    except fused_mlp.UnsupportedModel as e:
+        return str(e)
+    loss = _mlp_loss(loss_fn)
+    if loss is None:
+        return "loss_fn is not F.mse_loss or F.cross_entropy (or their modules, defaults)"
+    if len(inputs) != 1:
+        return "the forward takes more than one input"
+    x = inputs[0]
+    tasks = params.shape[0]
+    if (x.dim() != 3 or x.shape[0] != tasks or x.shape[1] == 0
+            or x.shape[2] != spec.in_features or x.dtype != params.dtype or x.requires_grad):
+        return (f"the inputs are {x.dtype} {list(x.shape)}, not [T, B, {spec.in_features}] "
+                f"{params.dtype} needing no gradient")
+    if loss == "mse":
+        want = (tasks, x.shape[1], spec.classes)
+        if (targets.shape != want or targets.dtype != params.dtype
+                or targets.requires_grad):
+            return (f"the targets are {targets.dtype} {list(targets.shape)}, not {list(want)} "
+                    f"{params.dtype} needing no gradient")
+    else:
+        if targets.shape != (tasks, x.shape[1]) or targets.dtype != torch.int64:
+            return f"the targets are {targets.dtype} {list(targets.shape)}, not int64 [T, B]"
+        low, high = torch.aminmax(targets)
+        if low < 0 or high >= spec.classes:  # incl. cross_entropy's ignored index, -100
+            return f"a class index lies outside [0, {spec.classes})"
+    return spec, loss
+
+
 def inner_loop(
     module: nn.Module,
     params: torch.Tensor,
@@ -419,6 +482,15 @@ def inner_loop(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     layout.check_buffers(module)
     chosen = resolve_strategy(strategy, module, create_graph=create_graph)
+    mlp = None
+    if chosen == "mlp" or (strategy == "auto" and chosen == "batched" and steps > 0):
+        mlp = mlp_plan(module, layout, params, xs, targets, loss_fn)
+        if isinstance(mlp, str):
+            if chosen == "mlp":
+                raise ValueError(f"strategy='mlp' cannot run this inner loop: {mlp}")
+            mlp = None
+        else:
+            chosen = "mlp"
     # Looked up once, not at every step (the lookup walks the module tree).
     run = batched_runner(module, layout) if chosen == "batched" else None
 
@@ -444,6 +516,9 @@ def inner_loop(
                     RuntimeWarning,
                     stacklevel=2,
                 )
+        elif chosen == "mlp":
+            grads, loss, _ = fused_mlp.task_loss_grads(*mlp, params, xs[0], targets,
+                                                       create_graph=create_graph)
         elif chosen == "batched":
             grads, loss = _batched_grads(run, params, xs, targets, loss_fn, create_graph)
         else:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmeta.flat import FlatLayout
-from fastmeta.fused_mlp import MLPSpec, UnsupportedModel, mlp_spec
+from fastmeta.fused_mlp import MLPSpec, TaskLossGrad, UnsupportedModel, mlp_spec
 
 # Both sides compute the same products in float64, in a different order.
 RTOL = 1e-10
@@ -202,3 +202,104 @@ def test_unsupported_batches_are_refused(x, y, match):
     spec = MLPSpec.of(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)))
     with pytest.raises(UnsupportedModel, match=match):
         spec.check_batch(x, y, dtype=torch.float32, device=torch.device("cpu"))
+
+
+# ---- T tasks at once ([T, N] params), mean squared error, and the autograd node for MAML -----
+
+
+def _narrow_mlp(activation: type[nn.Module], widths: tuple[int, ...]) -> nn.Sequential:
+    modules: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        if i:
+            modules.append(activation())
+        modules.append(nn.Linear(widths[i], widths[i + 1]))
+    return nn.Sequential(*modules).double()
+
+
+def _task_batch(loss: str, tasks: int, rows: int, widths: tuple[int, ...]):
+    x = torch.randn(tasks, rows, widths[0], dtype=torch.float64)
+    if loss == "mse":
+        return x, torch.randn(tasks, rows, widths[-1], dtype=torch.float64)
+    return x, torch.randint(0, widths[-1], (tasks, rows))
+
+
+def _autograd_task_grads_and_hvps(model, layout, params, x, y, v, loss):
+    """Each task's gradient and Hessian-vector product by autograd, one task at a time."""
+    loss_fn = F.mse_loss if loss == "mse" else F.cross_entropy
+    grads, hvps, losses = [], [], []
+    for t in range(params.shape[0]):
+        theta = params[t].detach().requires_grad_()
+        value = loss_fn(layout.call_unchecked(model, theta, (x[t],)), y[t])
+        (grad,) = torch.autograd.grad(value, theta, create_graph=True)
+        (hv,) = torch.autograd.grad(grad, theta, v[t])
+        grads.append(grad.detach())
+        hvps.append(hv)
+        losses.append(value.detach())
+    return torch.stack(grads), torch.stack(hvps), torch.stack(losses)
+
+
+# (1, 6, 5, 1) has the sinusoid network's 1-wide input and output, which take the broadcast
+# products instead of bmm; (4, 6, 3) takes bmm everywhere.
+@pytest.mark.parametrize("widths", [(1, 6, 5, 1), (4, 6, 3)], ids=["narrow", "wide"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: a.__name__)
+def test_task_batched_gradient_hvp_and_losses_match_autograd(widths, loss, activation):
+    if loss == "cross_entropy" and widths[-1] == 1:
+        widths = (*widths[:-1], 2)
+    torch.manual_seed(0)
+    model = _narrow_mlp(activation, widths)
+    layout = FlatLayout.of(model)
+    spec = MLPSpec.of(model, layout)
+    tasks = 4
+    params = layout.flatten(model).expand(tasks, -1) + 0.3 * torch.randn(
+        tasks, layout.numel, dtype=torch.float64)
+    x, y = _task_batch(loss, tasks, 7, widths)
+    v = torch.randn_like(params)
+    grad, tape, losses = spec.loss_grad(params, x, y, loss=loss, want_losses=True)
+    hv = spec.hvp(params, tape, v)
+    expected = _autograd_task_grads_and_hvps(model, layout, params, x, y, v, loss)
+    _close(grad, expected[0])
+    _close(hv, expected[1])
+    _close(losses, expected[2])
+
+
+def test_task_loss_grad_node_passes_gradcheck():
+    torch.manual_seed(0)
+    model = _narrow_mlp(nn.Tanh, (1, 5, 4, 1))
+    layout = FlatLayout.of(model)
+    spec = MLPSpec.of(model, layout)
+    x, y = _task_batch("mse", 3, 4, (1, 5, 4, 1))
+    params = (layout.flatten(model).expand(3, -1).clone()
+              + 0.1 * torch.randn(3, layout.numel, dtype=torch.float64)).requires_grad_()
+
+    def node(p):
+        grad, losses, _ = TaskLossGrad.apply(spec, "mse", p, x, y)
+        return grad, losses
+
+    assert torch.autograd.gradcheck(node, (params,))
+
+
+def test_task_loss_grad_node_refuses_a_third_derivative():
+    model = _narrow_mlp(nn.ReLU, (2, 4, 1))
+    layout = FlatLayout.of(model)
+    spec = MLPSpec.of(model, layout)
+    x, y = _task_batch("mse", 2, 3, (2, 4, 1))
+    params = layout.flatten(model).expand(2, -1).clone().requires_grad_()
+    grad, _, _ = TaskLossGrad.apply(spec, "mse", params, x, y)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(grad.square().sum(), params, create_graph=True)
+
+
+def test_a_class_declaring_its_sequential_body_is_read_but_not_its_subclasses():
+    from fastmeta.meta import MLP
+
+    net = MLP().double()
+    spec = MLPSpec.of(net)
+    assert spec.in_features == 1 and spec.classes == 1 and len(spec.layers) == 3
+
+    class Shifted(MLP):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    with pytest.raises(UnsupportedModel, match="fused_mlp_body"):
+        MLPSpec.of(Shifted())

@@ -169,10 +169,61 @@ def test_conv4_batchnorm_meta_gradient(first_order):
 def test_strategies_agree():
     model, episode = _sinusoid_setup()
     results = []
-    for strategy in ("vmap", "loop"):
+    for strategy in ("auto", "mlp", "batched", "vmap", "loop"):
         maml = MAML(model, loss_fn=F.mse_loss, inner_steps=3, strategy=strategy)
         results.append(_maml_grads(maml, episode)[1])
-    torch.testing.assert_close(results[0], results[1])
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0])
+
+
+def _classifier_setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    episode = Episode(torch.randn(4, 6, 6, generator=gen, dtype=torch.float64),
+                      torch.randint(0, 3, (4, 6), generator=gen),
+                      torch.randn(4, 9, 6, generator=gen, dtype=torch.float64),
+                      torch.randint(0, 3, (4, 9), generator=gen))
+    return model, episode
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_mlp_strategy_classifier_matches_torch_func(first_order):
+    """A cross-entropy MLP on the hand-written path (which 'auto' takes) against torch.func,
+    with the query accuracy from the same node."""
+    model, episode = _classifier_setup()
+    maml = MAML(model, loss_fn=F.cross_entropy, inner_lr=INNER_LR, inner_steps=2,
+                first_order=first_order, strategy="mlp")
+    loss, theta_grad, _ = _maml_grads(maml, episode)
+    ref_loss, ref_grad, _ = reference_meta_grads(model, episode, steps=2,
+                                                 first_order=first_order, opt="sgd",
+                                                 lr=INNER_LR, loss_fn=F.cross_entropy,
+                                                 use_vmap=True)
+    torch.testing.assert_close(loss, ref_loss)
+    assert _rel_err(theta_grad, ref_grad) <= META_GRAD_RTOL
+    batched = MAML(model, loss_fn=F.cross_entropy, inner_lr=INNER_LR, inner_steps=2,
+                   first_order=first_order, strategy="batched")
+    torch.testing.assert_close(maml(episode).accuracy, batched(episode).accuracy)
+
+
+def test_mlp_strategy_refuses_what_it_cannot_compute_and_auto_falls_back():
+    model, episode = _sinusoid_setup()
+
+    def huber(out, y):
+        return F.huber_loss(out, y)
+
+    with pytest.raises(ValueError, match="strategy='mlp' cannot run this inner loop"):
+        MAML(model, loss_fn=huber, strategy="mlp")(episode)
+    with pytest.raises(ValueError, match="strategy='mlp' cannot run this model"):
+        MAML(Conv4(in_channels=1, ways=3, filters=4, image_size=8), loss_fn=F.cross_entropy,
+             strategy="mlp")
+    # 'auto' with a loss it does not know runs the batched strategy, to the same meta-gradient
+    # as torch.func.
+    maml = MAML(model, loss_fn=huber, inner_lr=INNER_LR, inner_steps=2)
+    _, theta_grad, _ = _maml_grads(maml, episode)
+    _, ref_grad, _ = reference_meta_grads(model, episode, steps=2, first_order=False, opt="sgd",
+                                          lr=INNER_LR, loss_fn=huber, use_vmap=True)
+    assert _rel_err(theta_grad, ref_grad) <= META_GRAD_RTOL
 
 
 def test_evaluate_adapts_without_graph_and_reports_accuracy():
@@ -236,3 +287,24 @@ def test_errors():
                      torch.zeros(2, 5, 1), torch.zeros(2, 5, 1)))
     with pytest.raises(ValueError, match="leading task dimension"):
         maml.predict(torch.zeros(2, 1761), torch.zeros(3))
+
+
+def _graph_nodes(tensor: torch.Tensor) -> set[str]:
+    seen, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return names
+
+
+def test_auto_takes_the_hand_written_mlp_path_for_the_sinusoid_network():
+    model, episode = _sinusoid_setup()
+    nodes = _graph_nodes(MAML(model, loss_fn=F.mse_loss, inner_steps=2)(episode).loss)
+    assert "TaskLossGradBackward" in nodes
+    nodes = _graph_nodes(MAML(model, loss_fn=F.mse_loss, inner_steps=2,
+                              strategy="batched")(episode).loss)
+    assert "TaskLossGradBackward" not in nodes

@@ -50,6 +50,10 @@ class MLP(nn.Module):
         torch.Size([25, 10, 1])
     """
 
+    #: Its forward is exactly ``self.layers``: :mod:`fastmeta.fused_mlp` may then compute the
+    #: training gradients of this class (not of subclasses) by hand.
+    fused_mlp_body = "layers"
+
     def __init__(self, in_features: int = 1, out_features: int = 1,
                  hidden: Sequence[int] = SINUSOID_HIDDEN) -> None:
         super().__init__()
