@@ -346,14 +346,19 @@ def _loop_grads(
     loss_fn: LossFn,
     create_graph: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    def losses_of(p: torch.Tensor) -> torch.Tensor:
-        return torch.stack([
-            _scalar(loss_fn(layout.call_unchecked(module, row, tuple(x[t] for x in inputs)),
-                            targets[t]))
-            for t, row in enumerate(p.unbind(0))
-        ])
-
-    return _summed_task_grads(params, create_graph, losses_of)
+    # Task by task, each gradient right after its forward, while that task's activations are
+    # still in cache (conv-4 keeps ~10 MB of them per task): one autograd.grad over the sum of
+    # all the task losses ran every forward first and every backward after, and the meta-step
+    # was 2-4% slower than a plain per-task loop.
+    p = params if create_graph and params.requires_grad else params.detach().requires_grad_()
+    grads, losses = [], []
+    for t, row in enumerate(p.unbind(0)):
+        loss = _scalar(loss_fn(layout.call_unchecked(module, row, tuple(x[t] for x in inputs)),
+                               targets[t]))
+        (grad,) = torch.autograd.grad(loss, row, create_graph=create_graph, allow_unused=True)
+        grads.append(torch.zeros_like(row) if grad is None else grad)
+        losses.append(loss if create_graph else loss.detach())
+    return torch.stack(grads), torch.stack(losses)
 
 
 def _mlp_loss(loss_fn: LossFn) -> str | None:
