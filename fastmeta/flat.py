@@ -262,14 +262,16 @@ class FlatLayout:
         transforms. Unchecked: call :meth:`check` first where ``flat`` comes from a user.
         """
         lead = flat.shape[:-1]
-        chunks = self._split(flat)
-        return {e.name: c.view(*lead, *e.shape) for e, c in zip(self.entries, chunks)}
+        return {
+            e.name: flat.narrow(-1, e.offset, e.numel).view(*lead, *e.shape) for e in self.entries
+        }
 
     def _split(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # One split rather than a narrow per parameter: its backward is one node that
-        # concatenates the parameters' gradients, where each narrow's backward fills a zero
-        # buffer the size of the whole row and copies its slice in (conv-4, 18 parameters of
-        # a 112k-element row, T = 8 tasks: ~150 such fills per pass).
+        # For call_unchecked (views() keeps narrow: the views of one split may not be
+        # modified in place under autograd). One split rather than a narrow per parameter: its
+        # backward is one node that concatenates the parameters' gradients, where each
+        # narrow's backward fills a zero buffer the size of the whole row and copies its slice
+        # in (conv-4, 18 parameters of a 112k-element row, T = 8 tasks: ~150 fills per pass).
         return flat.split_with_sizes([e.numel for e in self.entries], dim=-1)
 
     def functional_call(

@@ -6,7 +6,9 @@ Differentiating through K training steps needs, per step, the minibatch gradient
 autograd, ``torch.autograd.grad(loss, θ, create_graph=True)`` records some 40 nodes per step
 of a two-layer MLP and the backward differentiates each of them twice; on small models that
 Python and graph overhead, not the arithmetic, is the cost. For ``nn.Sequential`` MLPs trained
-with mean cross-entropy both are a handful of matrix products, written here directly.
+with mean cross-entropy or mean squared error both are a handful of matrix products, written
+here directly, for one task (θ ``[N]``) or for T tasks at once (θ ``[T, N]``, one row per task,
+each with its own batch: ``[T, B, in]``).
 
 **Maths** (rows are examples; :math:`B` examples, :math:`L` linear layers
 :math:`W_l \\in \\mathbb{R}^{o_l \\times i_l}`, :math:`b_l`, elementwise activation
@@ -22,6 +24,10 @@ with mean cross-entropy both are a handful of matrix products, written here dire
     \\nabla_{W_l} \\ell &= \\delta_l^\\top h_{l-1}, \\qquad
         \\nabla_{b_l} \\ell = \\textstyle\\sum_r \\delta_l.
     \\end{aligned}
+
+With mean squared error over the :math:`C` outputs instead,
+:math:`\\ell = \\tfrac1{BC} \\sum (z - y)^2`, :math:`\\delta_L = 2(z - y)/(BC)` and, below,
+:math:`\\mathcal{R}\\delta_L = 2\\mathcal{R}z/(BC)`.
 
 The Hessian-vector product :math:`H(\\theta) v` is the directional derivative
 :math:`\\mathcal{R}\\{\\cdot\\} = \\tfrac{d}{dt}(\\cdot)(\\theta + t v)|_{t=0}` of the gradient
@@ -50,7 +56,8 @@ is :math:`\\delta_{l-1} \\odot (\\sigma''/\\sigma') \\odot \\mathcal{R}a_{l-1}`:
 product needs only each layer's input :math:`h_{l-1}`, :math:`\\delta_l` and :math:`P`.
 
 Only models whose output is *exactly* this computation are accepted (:meth:`MLPSpec.of`); any
-other module, a subclass, a hook or tied weights make it refuse rather than guess.
+other module, a subclass, a forward or backward hook, a module used twice or tied weights make
+it refuse rather than guess.
 
 Example:
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
@@ -153,7 +160,8 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     torch's CPU ``bmm`` runs one ``select`` + ``addmm_`` per task once a product has 400
     multiply-adds or more (a few µs each: 0.1 ms per product at T = 25), so products with a
     dimension of 1, which the first and last layers of a narrow MLP have (the sinusoid's
-    1-40-40-1), are written as one broadcast multiply (and a sum) instead.
+    1-40-40-1), are written as one broadcast multiply (and a sum) instead (on every device:
+    the same arithmetic, one kernel either way).
     """
     if a.shape[-1] == 1:  # an outer product per task
         return a * b
@@ -189,10 +197,11 @@ def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 class MLPSpec:
     """An ``nn.Sequential`` of ``nn.Linear`` layers with ``nn.ReLU``/``nn.Tanh``/``nn.Sigmoid``
     between them, read as positions in a :class:`~fastmeta.flat.FlatLayout` buffer, with its
-    mean cross-entropy gradient and Hessian-vector product (see the module docstring).
+    mean cross-entropy or mean-squared-error gradient and Hessian-vector product (see the
+    module docstring).
 
     Build it with :meth:`of` (or :func:`mlp_spec`). It holds no tensors: every method takes
-    the flat ``[N]`` parameter buffer θ.
+    the flat parameter buffer θ, ``[N]`` or ``[T, N]``.
     """
 
     def __init__(self, layers: tuple[_Layer, ...], activations: tuple[_Activation, ...],
@@ -224,15 +233,22 @@ class MLPSpec:
             prefix = name + "."
         hooks = [getattr(nn.modules.module, name, None) for name in (
             "_global_forward_hooks", "_global_forward_pre_hooks",
-            "_global_forward_hooks_always_called")]
+            "_global_forward_hooks_always_called", "_global_backward_hooks",
+            "_global_backward_pre_hooks")]
         if any(hooks):
-            raise UnsupportedModel("global module forward hooks are registered")
-        modules = list(body.named_children())
+            raise UnsupportedModel("global module forward or backward hooks are registered")
+        # named_children() lists a module used twice once: Sequential(L1, t, L2, t, L2) would
+        # read as L1 -> t -> L2.
+        modules = list(body._modules.items())
+        if len({id(m) for _, m in modules}) != len(modules) or any(m is None for _, m in modules):
+            raise UnsupportedModel("the nn.Sequential uses a module twice (or holds None)")
         outer = [("", model)] + ([(prefix[:-1], body)] if prefix else [])
         for j, (name, m) in enumerate([*outer, *modules]):
-            if m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m):
+            if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                    or m._backward_pre_hooks or "forward" in vars(m)):
                 where = "the model" if j == 0 else f"module {name!r}"
-                raise UnsupportedModel(f"{where} has forward hooks or a replaced forward")
+                raise UnsupportedModel(f"{where} has forward or backward hooks or a replaced "
+                                       "forward")
         linears: list[tuple[str, nn.Linear]] = []
         activations: list[_Activation] = []
         for j, (name, m) in enumerate(modules):
@@ -309,7 +325,8 @@ class MLPSpec:
             theta: ``[N]`` flat parameters, or ``[T, N]`` (one row per task).
             x: ``[B, in_features]`` inputs (``[T, B, in_features]`` for T tasks).
             y: cross-entropy: ``[B]`` (``[T, B]``) class indices in ``[0, classes)`` (no
-                ``ignore_index``: an index out of range raises); mean squared error: targets
+                ``ignore_index``: an index out of range raises on the CPU; on a GPU it is a
+                device-side assert); mean squared error: targets
                 shaped like the output, ``[B, classes]`` (``[T, B, classes]``).
             out: buffer shaped like ``theta`` to write the gradient into (default: new).
             loss: ``"cross_entropy"`` (``F.cross_entropy``, mean over the batch) or ``"mse"``
@@ -436,10 +453,15 @@ class TaskLossGrad(Function):
     def forward(ctx, spec: MLPSpec, loss: str, theta, x, y):
         theta = theta.contiguous()  # e.g. the first step's expand()ed [T, N]
         grad, tape, losses = spec.loss_grad(theta, x, y, loss=loss, want_losses=True)
-        ctx.spec, ctx.tape, ctx.theta, ctx.grad = spec, tape, theta, grad
-        ctx.mark_non_differentiable(tape.outputs)
+        outputs, tape.outputs = tape.outputs, None  # not needed by hvp
+        # The outputs are saved through save_for_backward, not as ctx attributes: an output
+        # held by its own node's ctx is a reference cycle, which keeps every step's tape alive
+        # until Python's cyclic collector runs.
+        ctx.save_for_backward(grad)
+        ctx.spec, ctx.tape, ctx.theta = spec, tape, theta
+        ctx.mark_non_differentiable(outputs)
         ctx.set_materialize_grads(False)
-        return grad, losses, tape.outputs
+        return grad, losses, outputs
 
     @staticmethod
     def backward(ctx, grad_bar, losses_bar, outputs_bar):
@@ -452,7 +474,8 @@ class TaskLossGrad(Function):
         if grad_bar is not None:
             theta_bar = ctx.spec.hvp(ctx.theta, ctx.tape, grad_bar.contiguous())
         if losses_bar is not None:
-            term = losses_bar.unsqueeze(-1) * ctx.grad
+            (grad,) = ctx.saved_tensors
+            term = losses_bar.unsqueeze(-1) * grad
             theta_bar = term if theta_bar is None else theta_bar.add_(term)
         return None, None, theta_bar, None, None
 

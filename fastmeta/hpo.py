@@ -477,7 +477,7 @@ def _fused_mlp_spec(model: nn.Module, layout: FlatLayout, batches: Sequence[Spli
         for k, (x, y) in enumerate(batches):
             spec.check_batch(x, y, dtype=layout.dtype, device=layout.device,
                              name=f"batches[{k}]")
-        # One check for all K batches (one sync on a GPU). F.cross_entropy ignores the label
+        # One check for all K batches (two syncs on a GPU). F.cross_entropy ignores the label
         # -100 (its ignore_index); the per-step path handles that, the MLP path does not.
         low, high = torch.aminmax(torch.cat([y for _, y in batches]))
         if low < 0 or high >= spec.classes:
@@ -521,8 +521,7 @@ def _unrolled_mlp(spec: MLPSpec, layout: FlatLayout, theta: torch.Tensor,
         dict(nesterov=False, maximize=False, has_momentum=True))
     later = first
     if buffer is None:  # steps after the first carry a buffer
-        later = tl.StepConfig(first.op, first.impl, first.floats, first.tensor_names,
-                              first.flags, (True,), first.needs_param)
+        later = first.with_states((True,))
     plan = _UnrollPlan(spec, tuple(batches), first, later)
     return _UnrolledMLP.apply(plan, theta, buffer, *hypers)
 
@@ -531,7 +530,7 @@ def _reference_step_vjp(cfg: tl.StepConfig, theta, grad, buffer, hypers, grad_ou
                         needs):
     """The VJP of one momentum step of the reference implementation: autograd of the
     reference step, ``[θ̄, ḡ, b̄, *hyperparameter gradients]``."""
-    return tl._reference_vjp(SGD_RULE, cfg, theta, grad, [buffer], [h.detach() for h in hypers],
+    return tl.reference_vjp(SGD_RULE, cfg, theta, grad, [buffer], [h.detach() for h in hypers],
                              grad_outputs, needs, theta.shape)
 
 

@@ -152,8 +152,9 @@ def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = T
     * a model on which vmap already failed once in :func:`inner_loop`.
 
     Raises:
-        ValueError: an unknown strategy, ``"batched"`` for a model with a layer that has no
-            task-batched form, or ``"vmap"`` where vmap cannot run or runs wrong.
+        ValueError: an unknown strategy, ``"mlp"`` for a model that is not a plain MLP,
+            ``"batched"`` for a model with a layer that has no task-batched form, or
+            ``"vmap"`` where vmap cannot run or runs wrong.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -355,8 +356,8 @@ def _loop_grads(
     for t, row in enumerate(p.unbind(0)):
         loss = _scalar(loss_fn(layout.call_unchecked(module, row, tuple(x[t] for x in inputs)),
                                targets[t]))
-        (grad,) = torch.autograd.grad(loss, row, create_graph=create_graph, allow_unused=True)
-        grads.append(torch.zeros_like(row) if grad is None else grad)
+        (grad,) = torch.autograd.grad(loss, row, create_graph=create_graph)
+        grads.append(grad)
         losses.append(loss if create_graph else loss.detach())
     return torch.stack(grads), torch.stack(losses)
 
@@ -368,7 +369,8 @@ def _mlp_loss(loss_fn: LossFn) -> str | None:
         return "mse"
     if loss_fn is F.cross_entropy or (
             type(loss_fn) is nn.CrossEntropyLoss and loss_fn.reduction == "mean"
-            and loss_fn.weight is None and loss_fn.label_smoothing == 0.0):
+            and loss_fn.weight is None and loss_fn.label_smoothing == 0.0
+            and loss_fn.ignore_index == -100):  # -100: out of range, refused by mlp_plan
         return "cross_entropy"
     return None
 
@@ -444,8 +446,11 @@ def inner_loop(
         create_graph: True differentiates through the gradients (second order, MAML);
             False treats them as constants (first order, FOMAML): the result still depends
             on ``params`` through the update, but not through the gradients.
-        strategy: ``"batched"``, ``"vmap"``, ``"loop"`` or ``"auto"`` (see
-            :func:`resolve_strategy`).
+        strategy: ``"mlp"``, ``"batched"``, ``"vmap"``, ``"loop"`` or ``"auto"`` (see
+            :func:`resolve_strategy`). ``"auto"`` takes ``"mlp"`` where :func:`mlp_plan`
+            applies: its gradients are differentiable once (second-order MAML), and a backward
+            through them with ``create_graph=True`` raises; ask for ``"batched"`` to
+            differentiate further.
         layout: the module's :class:`FlatLayout`, if already built.
 
     Returns:

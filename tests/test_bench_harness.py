@@ -65,7 +65,7 @@ def test_stream_probe_on_given_tensor_lists_reads_every_stream_and_writes_the_fi
 def test_stream_probe_on_refuses_streams_that_do_not_match():
     _needs_native()
     probe = harness.stream_probe_on(lambda: [[torch.rand(4)], [torch.rand(5)]], writes=1)
-    with pytest.raises(ValueError, match="matching the first stream"):
+    with pytest.raises(ValueError, match="tensor 0 of stream 1"):
         probe()
 
 

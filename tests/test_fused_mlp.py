@@ -159,7 +159,7 @@ UNSUPPORTED = [
     (lambda: nn.Sequential(_MyLinear(5, 4), nn.ReLU(), nn.Linear(4, 3)),
      r"'0' \(_MyLinear\) is not an nn.Linear"),
     (_tied, "tied weights"),
-    (_hooked, "module '0' has forward hooks"),
+    (_hooked, "module '0' has forward or backward hooks"),
 ]
 
 
@@ -182,7 +182,7 @@ def test_global_forward_hooks_are_refused():
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
     handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
     try:
-        with pytest.raises(UnsupportedModel, match="global module forward hooks"):
+        with pytest.raises(UnsupportedModel, match="global module forward or backward hooks"):
             MLPSpec.of(model)
     finally:
         handle.remove()
@@ -303,3 +303,77 @@ def test_a_class_declaring_its_sequential_body_is_read_but_not_its_subclasses():
 
     with pytest.raises(UnsupportedModel, match="fused_mlp_body"):
         MLPSpec.of(Shifted())
+
+
+def test_a_module_used_twice_and_backward_hooks_are_refused():
+    tanh, hidden = nn.Tanh(), nn.Linear(4, 4)
+    twice = nn.Sequential(nn.Linear(3, 4), tanh, hidden, tanh, hidden).double()
+    with pytest.raises(UnsupportedModel, match="uses a module twice"):
+        MLPSpec.of(twice)
+    hooked = _mlp(nn.ReLU, 2, True)
+    hooked[0].register_full_backward_hook(lambda *args: None)
+    with pytest.raises(UnsupportedModel, match="backward hooks"):
+        MLPSpec.of(hooked)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_task_batched_edge_shapes_match_autograd(loss):
+    """One task, one example, no bias, a single layer, and inputs that are a non-contiguous
+    view: the shapes where a broadcast shortcut or a strided write could go wrong."""
+    torch.manual_seed(1)
+    for widths, bias in (((3, 2), False), ((1, 4, 1), False), ((2, 1, 3), True)):
+        if loss == "cross_entropy" and widths[-1] == 1:
+            widths = (*widths[:-1], 2)
+        model = _narrow_mlp(nn.Sigmoid, widths)
+        if not bias:
+            model = nn.Sequential(*[nn.Linear(m.in_features, m.out_features, bias=False)
+                                    if isinstance(m, nn.Linear) else m for m in model]).double()
+        layout = FlatLayout.of(model)
+        spec = MLPSpec.of(model, layout)
+        for tasks, rows in ((1, 1), (3, 2)):
+            params = layout.flatten(model).expand(tasks, -1).contiguous()
+            x, y = _task_batch(loss, tasks, rows, widths)
+            x = torch.cat([x, x], dim=-1)[..., ::2]  # same values, strided
+            v = torch.randn_like(params)
+            grad, tape, losses = spec.loss_grad(params, x, y, loss=loss, want_losses=True)
+            expected = _autograd_task_grads_and_hvps(model, layout, params, x.contiguous(), y,
+                                                     v, loss)
+            _close(grad, expected[0])
+            _close(spec.hvp(params, tape, v), expected[1])
+            _close(losses, expected[2])
+
+
+def test_task_loss_grad_node_passes_gradcheck_with_cross_entropy():
+    torch.manual_seed(0)
+    model = _narrow_mlp(nn.ReLU, (3, 5, 4))
+    layout = FlatLayout.of(model)
+    spec = MLPSpec.of(model, layout)
+    x, y = _task_batch("cross_entropy", 2, 5, (3, 5, 4))
+    params = (layout.flatten(model).expand(2, -1).clone()
+              + 0.1 * torch.randn(2, layout.numel, dtype=torch.float64)).requires_grad_()
+
+    def node(p):
+        grad, losses, _ = TaskLossGrad.apply(spec, "cross_entropy", p, x, y)
+        return grad, losses
+
+    assert torch.autograd.gradcheck(node, (params,))
+
+
+def test_task_loss_grad_node_frees_its_tape_without_the_cycle_collector():
+    import gc
+    import weakref
+
+    model = _narrow_mlp(nn.Tanh, (2, 4, 1))
+    layout = FlatLayout.of(model)
+    spec = MLPSpec.of(model, layout)
+    x, y = _task_batch("mse", 2, 3, (2, 4, 1))
+    params = layout.flatten(model).expand(2, -1).clone().requires_grad_()
+    gc.disable()
+    try:
+        grad, losses, outputs = TaskLossGrad.apply(spec, "mse", params, x, y)
+        alive = [weakref.ref(t) for t in (grad, outputs)]
+        (grad.square().sum() + losses.sum()).backward()
+        del grad, losses, outputs
+        assert all(ref() is None for ref in alive), "the node's outputs outlived it"
+    finally:
+        gc.enable()

@@ -308,3 +308,27 @@ def test_auto_takes_the_hand_written_mlp_path_for_the_sinusoid_network():
     nodes = _graph_nodes(MAML(model, loss_fn=F.mse_loss, inner_steps=2,
                               strategy="batched")(episode).loss)
     assert "TaskLossGradBackward" not in nodes
+
+
+def test_cross_entropy_with_an_in_range_ignore_index_is_not_taken_by_hand():
+    """nn.CrossEntropyLoss(ignore_index=0) leaves class 0 out of the mean, which the
+    hand-written path does not do: 'auto' must take the batched path, to the same losses."""
+    model, episode = _classifier_setup()
+    loss_fn = nn.CrossEntropyLoss(ignore_index=0)
+    auto = MAML(model, loss_fn=loss_fn, inner_lr=INNER_LR, inner_steps=1)(episode)
+    batched = MAML(model, loss_fn=loss_fn, inner_lr=INNER_LR, inner_steps=1,
+                   strategy="batched")(episode)
+    assert "TaskLossGradBackward" not in _graph_nodes(auto.loss)
+    torch.testing.assert_close(auto.query_losses, batched.query_losses)
+    torch.testing.assert_close(auto.support_losses, batched.support_losses)
+
+
+def test_auto_on_a_plain_mlp_refuses_a_third_derivative_clearly():
+    model, episode = _sinusoid_setup()
+    loss = MAML(model, loss_fn=F.mse_loss, inner_steps=1)(episode).loss
+    # The meta-gradient with a graph (for a meta-Hessian) is where it stops, with the remedy.
+    with pytest.raises(RuntimeError, match="differentiable once.*strategy='batched'"):
+        torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+    loss = MAML(model, loss_fn=F.mse_loss, inner_steps=1, strategy="batched")(episode).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+    assert sum(g.sum() for g in grads).requires_grad

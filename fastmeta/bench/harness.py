@@ -191,7 +191,10 @@ def stream_probe_on(
     Run on an optimizer's own params, grads and state, it measures what moving those very
     bytes costs, wherever they were allocated: on this machine tensors allocated at different
     moments of a process streamed up to ~5% apart, which a probe on fresh arrays cannot see.
-    The probe overwrites the tensors with finite junk (their mean and small offsets)."""
+    The probe overwrites the tensors with junk (their mean and small offsets); an optimizer
+    timed alongside then steps from junk, which may hold a NaN (Adam's square root of a
+    negative second moment): that changes no timing on the CPU, which runs NaN arithmetic at
+    full speed, but do not read the values."""
     from fastmeta import backends
 
     native = backends.native()
@@ -202,12 +205,15 @@ def stream_probe_on(
     def probe() -> None:
         if not bound:
             lists = streams()
-            for tensors in lists:
-                for t, first in zip(tensors, lists[0]):
+            for i, tensors in enumerate(lists):
+                if len(tensors) != len(lists[0]):
+                    raise ValueError(f"stream_probe_on: stream {i} has {len(tensors)} tensors, "
+                                     f"stream 0 has {len(lists[0])}")
+                for j, (t, first) in enumerate(zip(tensors, lists[0])):
                     if (t.dtype != torch.float32 or t.device.type != "cpu"
                             or not t.is_contiguous() or t.numel() != first.numel()):
-                        raise ValueError("stream_probe_on: every stream needs contiguous "
-                                         "float32 CPU tensors matching the first stream's")
+                        raise ValueError(f"stream_probe_on: tensor {j} of stream {i} is not a "
+                                         "contiguous float32 CPU tensor matching stream 0's")
             bound.extend([[[t.data_ptr() for t in tensors] for tensors in lists],
                           [t.numel() for t in lists[0]], lists])
         native.stream(bound[0], writes, bound[1])

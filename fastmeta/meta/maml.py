@@ -277,6 +277,8 @@ class MAML(nn.Module):
                 _, losses, outputs = fused_mlp.task_loss_grads(
                     *plan, params, episode.query_x, episode.query_y, create_graph=True)
                 return losses, task_accuracy(outputs, episode.query_y)
+            if self.strategy == "mlp":
+                raise ValueError(f"strategy='mlp' cannot run the query loss: {plan}")
         outputs = self._predict(params, episode.query_x, self._query_strategy())
         return (task_losses(self.loss_fn, outputs, episode.query_y),
                 task_accuracy(outputs, episode.query_y))

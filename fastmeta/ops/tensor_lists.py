@@ -208,6 +208,12 @@ class StepConfig:
         self.states = tuple(states)
         self.needs_param = needs_param
 
+    def with_states(self, states: Sequence[bool]) -> StepConfig:
+        """This configuration for a step whose state inputs are ``states`` (present or not),
+        e.g. the steps after a first momentum step, which carry a buffer."""
+        return StepConfig(self.op, self.impl, self.floats, self.tensor_names, self.flags, states,
+                          self.needs_param)
+
     def hyper(self, name: str, tensors: Sequence[torch.Tensor]):
         """The value of hyperparameter ``name``: its tensor, else its number."""
         if name in self.tensor_names:
@@ -679,14 +685,14 @@ def step_backward(rule: StepRule, ctx, grad_outputs):
     states = _input_states(rule, ctx, differentiable)
     needs = ctx.needs_input_grad[1:]  # param, grad, *states, *hypers
     if differentiable or cfg.impl is Impl.REFERENCE:
-        grads = _reference_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs,
+        grads = reference_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs,
                                ctx.param_shape)
     else:
         grads = kernel_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs)
     return (None, *grads)
 
 
-def _reference_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs, param_shape):
+def reference_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs, param_shape):
     """The VJP by ``torch.func.vjp`` of the reference: plain differentiable torch ops, so the
     result can be differentiated again (create_graph, gradgradcheck) and it composes with the
     torch.func transforms."""
@@ -716,7 +722,7 @@ def _reference_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs, 
 
 def kernel_vjp(rule, cfg, param, grad, states, hypers, grad_outputs, needs):
     """The VJP of one step by the fused backward kernel of ``cfg.impl`` (native or Triton; the
-    reference implementation's VJP is :func:`_reference_vjp`). Not differentiable.
+    reference implementation's VJP is :func:`reference_vjp`). Not differentiable.
 
     Args:
         rule, cfg: the step, as :func:`step_forward` takes them.
