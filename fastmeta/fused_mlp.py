@@ -294,26 +294,47 @@ class MLPSpec:
                  None if layer.bias is None else chunks[layer.bias]) for layer in self.layers]
 
     def check_batch(self, x: object, y: object, *, dtype: torch.dtype, device: torch.device,
+                    loss: str = "cross_entropy", tasks: int | None = None,
                     name: str = "batch") -> None:
-        """Raises :class:`UnsupportedModel` unless ``(x, y)`` is a batch :meth:`loss_grad`
-        computes exactly what ``F.cross_entropy(model(x), y)`` differentiates: ``x`` a
-        ``[B, in_features]`` tensor of ``dtype`` on ``device`` that needs no gradient, ``y``
-        ``[B]`` int64 class indices (their range is not checked here), ``B >= 1``."""
+        """Raises :class:`UnsupportedModel` unless :meth:`loss_grad` computes exactly what
+        ``F.cross_entropy`` / ``F.mse_loss`` of the model's output differentiates for
+        ``(x, y)``: ``x`` a ``[B, in_features]`` tensor (``[T, B, in_features]`` with
+        ``tasks``) of ``dtype`` on ``device`` that needs no gradient, ``B >= 1``; ``y`` int64
+        class indices ``[B]`` (``[T, B]``) in ``[0, classes)`` (so not cross-entropy's
+        ignored -100), or for ``"mse"`` targets shaped like the output, of ``dtype``, needing
+        no gradient. The class range check reads the labels (a sync on a GPU)."""
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise UnsupportedModel(f"{name} is not a pair of tensors")
-        if x.dim() != 2 or x.shape[1] != self.in_features or x.shape[0] == 0:
-            raise UnsupportedModel(f"{name}'s inputs have shape {list(x.shape)}, not [B, "
-                                   f"{self.in_features}] with B >= 1")
+        lead = () if tasks is None else (tasks,)
+        shape = "[B, " if tasks is None else "[T, B, "
+        if (x.shape[:-2] != lead or x.dim() != len(lead) + 2 or x.shape[-1] != self.in_features
+                or x.shape[-2] == 0):
+            raise UnsupportedModel(f"{name}'s inputs have shape {list(x.shape)}, not {shape}"
+                                   f"{self.in_features}] with B >= 1" + (
+                                       f" and T = {tasks}" if tasks is not None else ""))
         if x.dtype != dtype or x.device != device:
             raise UnsupportedModel(f"{name}'s inputs are {x.dtype} on {x.device}, not {dtype} "
                                    f"on {device}")
         if x.requires_grad:
             raise UnsupportedModel(f"{name}'s inputs require grad (only the parameters are "
                                    "differentiated)")
-        if y.dtype != torch.int64 or y.shape != (x.shape[0],) or y.device != device:
+        rows = (*lead, x.shape[-2])
+        if loss == "mse":
+            want = (*rows, self.classes)
+            if y.shape != want or y.dtype != dtype or y.device != device or y.requires_grad:
+                raise UnsupportedModel(f"{name}'s targets are {y.dtype} {list(y.shape)} on "
+                                       f"{y.device}, not {dtype} {list(want)} on {device} "
+                                       "needing no gradient")
+            return
+        if loss != "cross_entropy":
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if y.dtype != torch.int64 or y.shape != rows or y.device != device:
             raise UnsupportedModel(f"{name}'s labels are {y.dtype} {list(y.shape)} on "
-                                   f"{y.device}, not int64 [{x.shape[0]}] class indices on "
+                                   f"{y.device}, not int64 {list(rows)} class indices on "
                                    f"{device}")
+        low, high = torch.aminmax(y)
+        if low < 0 or high >= self.classes:  # incl. F.cross_entropy's ignored index, -100
+            raise UnsupportedModel(f"{name} has a class index outside [0, {self.classes})")
 
     def loss_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
                   out: torch.Tensor | None = None, loss: str = "cross_entropy",

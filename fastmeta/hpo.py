@@ -477,11 +477,6 @@ def _fused_mlp_spec(model: nn.Module, layout: FlatLayout, batches: Sequence[Spli
         for k, (x, y) in enumerate(batches):
             spec.check_batch(x, y, dtype=layout.dtype, device=layout.device,
                              name=f"batches[{k}]")
-        # One check for all K batches (two syncs on a GPU). F.cross_entropy ignores the label
-        # -100 (its ignore_index); the per-step path handles that, the MLP path does not.
-        low, high = torch.aminmax(torch.cat([y for _, y in batches]))
-        if low < 0 or high >= spec.classes:
-            raise UnsupportedModel(f"a training label lies outside [0, {spec.classes})")
     except UnsupportedModel as e:
         if fused_model:
             raise UnsupportedModel(f"unrolled_validation_loss: fused_model=True but {e}") from e

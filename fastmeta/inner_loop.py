@@ -394,24 +394,11 @@ def mlp_plan(module: nn.Module, layout: FlatLayout, params: torch.Tensor,
         return "loss_fn is not F.mse_loss or F.cross_entropy (or their modules, defaults)"
     if len(inputs) != 1:
         return "the forward takes more than one input"
-    x = inputs[0]
-    tasks = params.shape[0]
-    if (x.dim() != 3 or x.shape[0] != tasks or x.shape[1] == 0
-            or x.shape[2] != spec.in_features or x.dtype != params.dtype or x.requires_grad):
-        return (f"the inputs are {x.dtype} {list(x.shape)}, not [T, B, {spec.in_features}] "
-                f"{params.dtype} needing no gradient")
-    if loss == "mse":
-        want = (tasks, x.shape[1], spec.classes)
-        if (targets.shape != want or targets.dtype != params.dtype
-                or targets.requires_grad):
-            return (f"the targets are {targets.dtype} {list(targets.shape)}, not {list(want)} "
-                    f"{params.dtype} needing no gradient")
-    else:
-        if targets.shape != (tasks, x.shape[1]) or targets.dtype != torch.int64:
-            return f"the targets are {targets.dtype} {list(targets.shape)}, not int64 [T, B]"
-        low, high = torch.aminmax(targets)
-        if low < 0 or high >= spec.classes:  # incl. cross_entropy's ignored index, -100
-            return f"a class index lies outside [0, {spec.classes})"
+    try:
+        spec.check_batch(inputs[0], targets, dtype=params.dtype, device=params.device,
+                         loss=loss, tasks=params.shape[0], name="the data")
+    except fused_mlp.UnsupportedModel as e:
+        return str(e)
     return spec, loss
 
 
