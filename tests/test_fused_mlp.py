@@ -263,28 +263,33 @@ def test_task_batched_gradient_hvp_and_losses_match_autograd(widths, loss, activ
     _close(losses, expected[2])
 
 
-def test_task_loss_grad_node_passes_gradcheck():
+def _node_problem(activation: type[nn.Module], widths: tuple[int, ...], loss: str, tasks: int,
+                  rows: int, *, spread: float = 0.0):
+    """A model's spec, a task batch and ``[T, N]`` params (its weights, each task's row moved
+    by ``spread`` noise) that require grad."""
     torch.manual_seed(0)
-    model = _narrow_mlp(nn.Tanh, (1, 5, 4, 1))
+    model = _narrow_mlp(activation, widths)
     layout = FlatLayout.of(model)
-    spec = MLPSpec.of(model, layout)
-    x, y = _task_batch("mse", 3, 4, (1, 5, 4, 1))
-    params = (layout.flatten(model).expand(3, -1).clone()
-              + 0.1 * torch.randn(3, layout.numel, dtype=torch.float64)).requires_grad_()
+    x, y = _task_batch(loss, tasks, rows, widths)
+    params = (layout.flatten(model).expand(tasks, -1).clone()
+              + spread * torch.randn(tasks, layout.numel, dtype=torch.float64))
+    return MLPSpec.of(model, layout), x, y, params.requires_grad_()
+
+
+@pytest.mark.parametrize("loss, activation, widths", [
+    ("mse", nn.Tanh, (1, 5, 4, 1)), ("cross_entropy", nn.ReLU, (3, 5, 4))])
+def test_task_loss_grad_node_passes_gradcheck(loss, activation, widths):
+    spec, x, y, params = _node_problem(activation, widths, loss, 3, 4, spread=0.1)
 
     def node(p):
-        grad, losses, _ = TaskLossGrad.apply(spec, "mse", p, x, y)
+        grad, losses, _ = TaskLossGrad.apply(spec, loss, p, x, y)
         return grad, losses
 
     assert torch.autograd.gradcheck(node, (params,))
 
 
 def test_task_loss_grad_node_refuses_a_third_derivative():
-    model = _narrow_mlp(nn.ReLU, (2, 4, 1))
-    layout = FlatLayout.of(model)
-    spec = MLPSpec.of(model, layout)
-    x, y = _task_batch("mse", 2, 3, (2, 4, 1))
-    params = layout.flatten(model).expand(2, -1).clone().requires_grad_()
+    spec, x, y, params = _node_problem(nn.ReLU, (2, 4, 1), "mse", 2, 3)
     grad, _, _ = TaskLossGrad.apply(spec, "mse", params, x, y)
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(grad.square().sum(), params, create_graph=True)
@@ -343,31 +348,11 @@ def test_task_batched_edge_shapes_match_autograd(loss):
             _close(losses, expected[2])
 
 
-def test_task_loss_grad_node_passes_gradcheck_with_cross_entropy():
-    torch.manual_seed(0)
-    model = _narrow_mlp(nn.ReLU, (3, 5, 4))
-    layout = FlatLayout.of(model)
-    spec = MLPSpec.of(model, layout)
-    x, y = _task_batch("cross_entropy", 2, 5, (3, 5, 4))
-    params = (layout.flatten(model).expand(2, -1).clone()
-              + 0.1 * torch.randn(2, layout.numel, dtype=torch.float64)).requires_grad_()
-
-    def node(p):
-        grad, losses, _ = TaskLossGrad.apply(spec, "cross_entropy", p, x, y)
-        return grad, losses
-
-    assert torch.autograd.gradcheck(node, (params,))
-
-
 def test_task_loss_grad_node_frees_its_tape_without_the_cycle_collector():
     import gc
     import weakref
 
-    model = _narrow_mlp(nn.Tanh, (2, 4, 1))
-    layout = FlatLayout.of(model)
-    spec = MLPSpec.of(model, layout)
-    x, y = _task_batch("mse", 2, 3, (2, 4, 1))
-    params = layout.flatten(model).expand(2, -1).clone().requires_grad_()
+    spec, x, y, params = _node_problem(nn.Tanh, (2, 4, 1), "mse", 2, 3)
     gc.disable()
     try:
         grad, losses, outputs = TaskLossGrad.apply(spec, "mse", params, x, y)
