@@ -266,12 +266,13 @@ class FlatLayout:
             e.name: flat.narrow(-1, e.offset, e.numel).view(*lead, *e.shape) for e in self.entries
         }
 
-    def _split(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # For call_unchecked (views() keeps narrow: the views of one split may not be
-        # modified in place under autograd). One split rather than a narrow per parameter: its
-        # backward is one node that concatenates the parameters' gradients, where each
-        # narrow's backward fills a zero buffer the size of the whole row and copies its slice
-        # in (conv-4, 18 parameters of a 112k-element row, T = 8 tasks: ~150 fills per pass).
+    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The ``[..., N]`` buffer cut into each parameter's flat ``[..., numel]`` chunk, in
+        buffer order, by one ``split_with_sizes``. Unlike :meth:`views`, the chunks may not be
+        modified in place under autograd; in exchange their backward is one node that
+        concatenates the parameters' gradients, where each ``narrow``'s backward fills a zero
+        buffer the size of the whole row and copies its slice in (conv-4, 18 parameters of a
+        112k-element row, T = 8 tasks: ~150 such fills per pass)."""
         return flat.split_with_sizes([e.numel for e in self.entries], dim=-1)
 
     def functional_call(
@@ -304,7 +305,7 @@ class FlatLayout:
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
         """:meth:`functional_call` without the checks, for loops that validated once."""
-        views = [c.view(e.shape) for e, c in zip(self.entries, self._split(flat))]
+        views = [c.view(e.shape) for e, c in zip(self.entries, self.split(flat))]
         named = {name: views[i] for name, i in self.slots}
         return torch.func.functional_call(
             module, named, args, kwargs, tie_weights=False, strict=False

@@ -200,15 +200,16 @@ class MLPSpec:
     mean cross-entropy or mean-squared-error gradient and Hessian-vector product (see the
     module docstring).
 
-    Build it with :meth:`of` (or :func:`mlp_spec`). It holds no tensors: every method takes
-    the flat parameter buffer θ, ``[N]`` or ``[T, N]``.
+    Build it with :meth:`of` (or :func:`mlp_spec`). It holds no tensors, only the layout it
+    reads the buffer with: every method takes the flat parameter buffer θ, ``[N]`` or
+    ``[T, N]``.
     """
 
     def __init__(self, layers: tuple[_Layer, ...], activations: tuple[_Activation, ...],
-                 sizes: tuple[int, ...]) -> None:
+                 layout: FlatLayout) -> None:
         self.layers = layers
         self.activations = activations
-        self.sizes = sizes  # of the layout's entries, in buffer order
+        self.layout = layout
         self.in_features = layers[0].in_features
         self.classes = layers[-1].out_features
 
@@ -284,12 +285,12 @@ class MLPSpec:
                                  m.in_features))
         if len(entries) != len(layers) + sum(layer.bias is not None for layer in layers):
             raise UnsupportedModel("the layout holds parameters that are not the model's")
-        return cls(tuple(layers), tuple(activations), tuple(e.numel for e in layout.entries))
+        return cls(tuple(layers), tuple(activations), layout)
 
     def split(self, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """:math:`(W_l, b_l)` of every layer: views of the flat ``[N]`` buffer (``[out, in]``
         and ``[out]``), or of a ``[T, N]`` one (``[T, out, in]`` and ``[T, out]``)."""
-        chunks = flat.split_with_sizes(self.sizes, dim=-1)
+        chunks = self.layout.split(flat)
         return [(chunks[layer.weight].unflatten(-1, (layer.out_features, layer.in_features)),
                  None if layer.bias is None else chunks[layer.bias]) for layer in self.layers]
 

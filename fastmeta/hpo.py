@@ -72,7 +72,7 @@ from fastmeta.backends import Impl
 from fastmeta.flat import FlatLayout
 from fastmeta.fused_mlp import MLPSpec, UnsupportedModel
 from fastmeta.ops import tensor_lists as tl
-from fastmeta.ops.sgd import SGD_RULE
+from fastmeta.ops.sgd import SGD_RULE, check_sgd_step_args
 from fastmeta.optim import SGD, Adam
 
 __all__ = [
@@ -504,11 +504,10 @@ def _unrolled_mlp(spec: MLPSpec, layout: FlatLayout, theta: torch.Tensor,
     two step configurations once, and applies :class:`_UnrolledMLP`: ``(θ_K, b_K)``."""
     op = "momentum"
     layout.check(theta, name="theta", tasks=0)
-    if tl.is_zero(momentum):
+    if tl.is_zero(momentum):  # as fastmeta.functional.momentum
         raise ValueError(f"{op}: momentum must not be 0 (use sgd for plain gradient descent)")
-    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum)):
-        if not isinstance(value, torch.Tensor) and value < 0.0:
-            raise ValueError(f"{op}: {name} must be >= 0, got {value}")
+    check_sgd_step_args(op, lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=0.0,
+                        nesterov=False, momentum_buffer=buffer)
     # The training gradients are made inside the unroll; θ stands in for them in the checks.
     first, hypers = tl.prepare_step(
         SGD_RULE, op, impl, theta, theta, {"momentum_buffer": buffer},

@@ -597,3 +597,17 @@ def test_inner_loop_errors(change, error, match, strategy):
     )
     with pytest.raises(error, match=match):
         inner_loop(net, params, inputs, targets, **kwargs)
+
+
+def test_split_gives_the_views_flat_and_one_backward_node():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    layout, theta = flatten(net)
+    rows = theta.detach().expand(3, -1).clone().requires_grad_()
+    chunks = layout.split(rows)
+    views = layout.views(rows)
+    assert len(chunks) == len(layout.entries)
+    for chunk, entry in zip(chunks, layout.entries):
+        assert torch.equal(chunk, views[entry.name].reshape(3, entry.numel))
+    assert len({c.grad_fn for c in chunks}) == 1  # one SplitWithSizes node for all of them
+    (sum(c.sum() for c in chunks)).backward()
+    assert torch.equal(rows.grad, torch.ones_like(rows))

@@ -224,6 +224,23 @@ class SgdFunction(Function):
         return tl.step_vmap(SgdFunction, SGD_RULE, info, in_dims, cfg, *args)
 
 
+def check_sgd_step_args(op: str, *, lr, weight_decay, momentum, dampening, nesterov: bool,
+                        momentum_buffer: torch.Tensor | None) -> bool:
+    """The out-of-place step's rules for its hyperparameters (numbers must be >= 0; Nesterov
+    needs a momentum and no dampening; a buffer needs a momentum), with ``op`` in the
+    messages. Returns whether there is a momentum. Tensor values are checked by the callers'
+    reparametrizations, not here (reading them would sync a GPU)."""
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum)):
+        if not isinstance(value, torch.Tensor) and value < 0.0:
+            raise ValueError(f"{op}: {name} must be >= 0, got {value}")
+    has_momentum = not tl.is_zero(momentum)
+    if nesterov and (not has_momentum or not tl.is_zero(dampening)):
+        raise ValueError(f"{op}: Nesterov momentum requires a momentum and zero dampening")
+    if momentum_buffer is not None and not has_momentum:
+        raise ValueError(f"{op}: momentum_buffer was given but momentum is 0")
+    return has_momentum
+
+
 def sgd_step(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -251,14 +268,9 @@ def sgd_step(
         ``(new_param, new_momentum_buffer)``; the buffer is None when ``momentum`` is 0.
     """
     op = "sgd_step"
-    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum)):
-        if not isinstance(value, torch.Tensor) and value < 0.0:
-            raise ValueError(f"{op}: {name} must be >= 0, got {value}")
-    has_momentum = not tl.is_zero(momentum)
-    if nesterov and (not has_momentum or not tl.is_zero(dampening)):
-        raise ValueError(f"{op}: Nesterov momentum requires a momentum and zero dampening")
-    if momentum_buffer is not None and not has_momentum:
-        raise ValueError(f"{op}: momentum_buffer was given but momentum is 0")
+    has_momentum = check_sgd_step_args(op, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                       dampening=dampening, nesterov=nesterov,
+                                       momentum_buffer=momentum_buffer)
     if (not has_momentum and not isinstance(lr, torch.Tensor) and tl.is_zero(weight_decay)
             and backends.is_auto(impl)):
         # Plain gradient descent with a number lr: θ − lr·(±g) is one torch.add, already a
