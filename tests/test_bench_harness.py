@@ -62,6 +62,22 @@ def test_stream_probe_on_given_tensor_lists_reads_every_stream_and_writes_the_fi
         torch.testing.assert_close(streams[2][t], before[2][t])  # read only
 
 
+def test_stream_probe_makes_one_fresh_array_per_size_in_every_stream():
+    _needs_native()
+    sizes = [5, 0, 40_000]
+    probe = harness.stream_probe(sizes, 4, 3)
+    arrays = probe.arrays
+    assert [[t.numel() for t in stream] for stream in arrays] == [[5, 40_000]] * 4
+    before = [[t.clone() for t in stream] for stream in arrays]
+    probe()
+    for t in range(2):
+        total = sum(before[s][t] for s in range(4)) / 7
+        torch.testing.assert_close(arrays[2][t], total + 2)  # the third stream is written
+        torch.testing.assert_close(arrays[3][t], before[3][t])  # the fourth only read
+    assert [t.numel() for t in harness.stream_probe(12, 1, 1).arrays[0]] == [12]
+    assert harness.stream_probe([0, 0], 3, 2) is None
+
+
 def test_stream_probe_on_refuses_streams_that_do_not_match():
     _needs_native()
     probe = harness.stream_probe_on(lambda: [[torch.rand(4)], [torch.rand(5)]], writes=1)

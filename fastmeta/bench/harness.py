@@ -168,12 +168,17 @@ def time_round_robin(
     return timings
 
 
-def stream_probe(num_elements: int, reads: int, writes: int) -> Callable[[], None] | None:
-    """The roofline probe on fresh float32 arrays of ``num_elements`` each: ``reads`` streams
-    in, ``writes`` of them written back in place. None without the extension."""
-    if num_elements == 0:
+def stream_probe(sizes: int | list[int], reads: int, writes: int) -> Callable[[], None] | None:
+    """The roofline probe on fresh float32 arrays: ``reads`` streams in, ``writes`` of them
+    written back in place. Each stream is one array of ``sizes`` elements, or, given a list,
+    one array per entry: a workload of many tensors is probed on tensors of the same sizes,
+    since each tensor's start and end (a chunk cut short, the hardware prefetchers starting
+    over) costs the stream kernel as it costs the optimizer. On the ResNet-18 list, one flat
+    array per stream ran up to ~10% faster than the 62 tensors. None without the extension."""
+    sizes = [sizes] if isinstance(sizes, int) else [n for n in sizes if n > 0]
+    if sum(sizes) == 0:
         return None
-    arrays = [[torch.rand(num_elements)] for _ in range(reads)]
+    arrays = [[torch.rand(n) for n in sizes] for _ in range(reads)]
     probe = stream_probe_on(lambda: arrays, writes)
     if probe is not None:
         probe.arrays = arrays  # type: ignore[attr-defined]  # alive as long as the probe
@@ -222,10 +227,11 @@ def stream_probe_on(
 
 
 def stream_floor(
-    num_elements: int, reads: int, writes: int, *, min_run_time: float = DEFAULT_MIN_RUN_TIME
+    sizes: int | list[int], reads: int, writes: int, *,
+    min_run_time: float = DEFAULT_MIN_RUN_TIME,
 ) -> Timing | None:
     """Times :func:`stream_probe`; None without the extension."""
-    probe = stream_probe(num_elements, reads, writes)
+    probe = stream_probe(sizes, reads, writes)
     return None if probe is None else time_fn(probe, min_run_time=min_run_time)
 
 

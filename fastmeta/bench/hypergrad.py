@@ -20,7 +20,7 @@ import torch
 import fastmeta.optim as fo
 from fastmeta.bench import harness
 from fastmeta.bench.optimizers import make_params
-from fastmeta.bench.workloads import WORKLOADS, numel
+from fastmeta.bench.workloads import WORKLOADS, numel, sizes
 
 LR, HYPERGRAD_LR = 1e-3, 1e-3
 ROUNDS = 3
@@ -57,7 +57,7 @@ def rows(*, workloads: list[str], min_run_time: float, rounds: int = ROUNDS,
             "fastmeta": fo.SGDHD(make_params(shapes), lr=LR, hypergrad_lr=0.0).step,
             "torch fused + passes": torch_sgd_hd_step(make_params(shapes), 0.0),
         }
-        probe = harness.stream_probe(numel(shapes), READS, WRITES)
+        probe = harness.stream_probe(sizes(shapes), READS, WRITES)
         if probe is not None:
             steps["floor"] = probe
         timings = harness.time_interleaved(steps, rounds=rounds, min_run_time=min_run_time)

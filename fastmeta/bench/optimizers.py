@@ -15,7 +15,7 @@ import torch
 
 import fastmeta.optim as fo
 from fastmeta.bench import harness
-from fastmeta.bench.workloads import WORKLOADS, numel
+from fastmeta.bench.workloads import WORKLOADS, numel, sizes
 
 # (reads, writes) of fp32 streams per element for each optimizer as benchmarked.
 STREAMS = {
@@ -111,7 +111,7 @@ def bench_optimizer(
             steps["compile"] = torch.compile(opt.step)
         nbytes = numel(shapes) * 4 * (reads + writes)
         if device != "cuda":
-            probe = harness.stream_probe(numel(shapes), reads, writes)
+            probe = harness.stream_probe(sizes(shapes), reads, writes)
             if probe is not None:
                 steps["floor"] = probe
             probe = harness.stream_probe_on(

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def _resnet18_shapes() -> list[tuple[int, ...]]:
     shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
@@ -42,11 +44,11 @@ WORKLOADS: dict[str, list[tuple[int, ...]]] = {
 }
 
 
+def sizes(shapes: list[tuple[int, ...]]) -> list[int]:
+    """The number of elements of each shape."""
+    return [math.prod(s) for s in shapes]
+
+
 def numel(shapes: list[tuple[int, ...]]) -> int:
-    total = 0
-    for s in shapes:
-        n = 1
-        for d in s:
-            n *= d
-        total += n
-    return total
+    """The number of elements of all the shapes together."""
+    return sum(sizes(shapes))
