@@ -291,19 +291,24 @@ class MLPSpec:
         """:math:`(W_l, b_l)` of every layer: views of the flat ``[N]`` buffer (``[out, in]``
         and ``[out]``), or of a ``[T, N]`` one (``[T, out, in]`` and ``[T, out]``)."""
         chunks = self.layout.split(flat)
-        return [(chunks[layer.weight].unflatten(-1, (layer.out_features, layer.in_features)),
+        lead = flat.shape[:-1]
+        # view, not unflatten: Tensor.unflatten is a Python wrapper, and this runs four times
+        # per training step of an unrolled loop.
+        return [(chunks[layer.weight].view(*lead, layer.out_features, layer.in_features),
                  None if layer.bias is None else chunks[layer.bias]) for layer in self.layers]
 
     def check_batch(self, x: object, y: object, *, dtype: torch.dtype, device: torch.device,
                     loss: str = "cross_entropy", tasks: int | None = None,
-                    name: str = "batch") -> None:
+                    name: str = "batch", check_range: bool = True) -> None:
         """Raises :class:`UnsupportedModel` unless :meth:`loss_grad` computes exactly what
         ``F.cross_entropy`` / ``F.mse_loss`` of the model's output differentiates for
         ``(x, y)``: ``x`` a ``[B, in_features]`` tensor (``[T, B, in_features]`` with
         ``tasks``) of ``dtype`` on ``device`` that needs no gradient, ``B >= 1``; ``y`` int64
         class indices ``[B]`` (``[T, B]``) in ``[0, classes)`` (so not cross-entropy's
         ignored -100), or for ``"mse"`` targets shaped like the output, of ``dtype``, needing
-        no gradient. The class range check reads the labels (a sync on a GPU)."""
+        no gradient. The class range check reads the labels (a sync on a GPU); a caller with
+        many batches may pass ``check_range=False`` and check them all at once with
+        :meth:`check_class_range`."""
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise UnsupportedModel(f"{name} is not a pair of tensors")
         lead = () if tasks is None else (tasks,)
@@ -333,9 +338,22 @@ class MLPSpec:
             raise UnsupportedModel(f"{name}'s labels are {y.dtype} {list(y.shape)} on "
                                    f"{y.device}, not int64 {list(rows)} class indices on "
                                    f"{device}")
-        low, high = torch.aminmax(y)
-        if low < 0 or high >= self.classes:  # incl. F.cross_entropy's ignored index, -100
-            raise UnsupportedModel(f"{name} has a class index outside [0, {self.classes})")
+        if check_range:
+            self.check_class_range([y], [name])
+
+    def check_class_range(self, labels: list[torch.Tensor], names: list[str]) -> None:
+        """Raises :class:`UnsupportedModel`, naming the first offending ``names[i]``, unless
+        every class index in ``labels`` (int64 tensors on one device) lies in
+        ``[0, classes)``: one read of all of them (and more only to name the culprit)."""
+        def in_range(y: torch.Tensor) -> bool:
+            low, high = torch.aminmax(y)
+            return bool(low >= 0 and high < self.classes)  # -100 (ignore_index) is outside
+
+        if in_range(labels[0] if len(labels) == 1 else torch.cat([y.reshape(-1)
+                                                                  for y in labels])):
+            return
+        culprit = next(name for y, name in zip(labels, names) if not in_range(y))
+        raise UnsupportedModel(f"{culprit} has a class index outside [0, {self.classes})")
 
     def loss_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,
                   out: torch.Tensor | None = None, loss: str = "cross_entropy",
