@@ -43,6 +43,12 @@ def test_round_robin_times_every_side_once_per_cycle_starting_one_later_each_cyc
     assert {(a, b) for a in names for b in names if a != b} <= followers
 
 
+def test_round_robin_runs_at_least_min_cycles():
+    fns = {"a": lambda: None, "b": lambda: None}
+    timings = harness.time_round_robin(fns, min_run_time=0.0, min_cycles=25)
+    assert [t.blocks for t in timings.values()] == [25, 25]
+
+
 def _needs_native():
     if backends.native() is None:
         pytest.skip("the native extension is not built")

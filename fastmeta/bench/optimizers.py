@@ -31,6 +31,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "Adagrad": {"lr": 1e-3},
     "RMSprop": {"lr": 1e-3},
 }
+# Round-robin cycles per workload at least: the medians of the large workloads, whose cycles
+# the slow for-loop and foreach baselines make long, then rest on ~40 blocks per side, not ~30
+# (one full run's Adam ResNet-18 row: 32 blocks, p20 10.8 ms, median 12.1 ms).
+MIN_CYCLES = 40
 # torch.optim has no fused=True for these.
 NO_TORCH_FUSED = {"RMSprop"}
 TORCH_VARIANTS = {
@@ -123,7 +127,8 @@ def bench_optimizer(
         if device == "cuda":
             timings = {side: harness.time_fn(fn, device=device) for side, fn in steps.items()}
         else:
-            timings = harness.time_round_robin(steps, min_run_time=min_run_time)
+            timings = harness.time_round_robin(steps, min_run_time=min_run_time,
+                                               min_cycles=MIN_CYCLES)
         ours = timings.pop("fastmeta")
         floor = harness.cuda_copy_floor(nbytes) if device == "cuda" else timings.pop("floor", None)
         floor_same_tensors = timings.pop("floor (same tensors)", None)
