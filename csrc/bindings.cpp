@@ -488,9 +488,9 @@ void batched_backward(BackwardKernel kernel, int num_hypers, int64_t param, int6
 
 // The roofline probe: streams[s][t] is tensor t of stream s (numels[t] float32 elements, the
 // same in every stream); reads every stream and writes the first num_writes back in place,
-// with the same chunking and threads as the optimizers. One tensor per stream measures the
-// machine; an optimizer's own tensor lists measure what those very bytes, wherever they were
-// allocated, can cost.
+// with the same chunking and threads as the optimizers. Fresh tensors of a workload's sizes
+// measure the machine on that workload's shape; an optimizer's own tensor lists measure what
+// those very bytes, wherever they were allocated, can cost.
 void stream(const std::vector<Ptrs>& streams, int num_writes, const std::vector<int64_t>& numels) {
   const int num_reads = static_cast<int>(streams.size());
   if (num_reads < 1 || num_reads > 5 || num_writes < 1 || num_writes > 4 || num_writes > num_reads)

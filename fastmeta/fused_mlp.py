@@ -343,16 +343,28 @@ class MLPSpec:
 
     def check_class_range(self, labels: list[torch.Tensor], names: list[str]) -> None:
         """Raises :class:`UnsupportedModel`, naming the first offending ``names[i]``, unless
-        every class index in ``labels`` (int64 tensors on one device) lies in
-        ``[0, classes)``: one read of all of them (and more only to name the culprit)."""
-        def in_range(y: torch.Tensor) -> bool:
-            low, high = torch.aminmax(y)
-            return bool(low >= 0 and high < self.classes)  # -100 (ignore_index) is outside
+        every class index in ``labels`` lies in ``[0, classes)``: one read of all of them
+        (and more only to name the culprit). The labels are int64 tensors on one device, as
+        :meth:`check_batch` checks them.
 
-        if in_range(labels[0] if len(labels) == 1 else torch.cat([y.reshape(-1)
-                                                                  for y in labels])):
+        Raises:
+            ValueError: ``labels`` and ``names`` differ in length.
+        """
+        if len(labels) != len(names):
+            raise ValueError(f"check_class_range: {len(labels)} label tensors but "
+                             f"{len(names)} names")
+        named = [(y, name) for y, name in zip(labels, names) if y.numel() > 0]
+        if not named:
             return
-        culprit = next(name for y, name in zip(labels, names) if not in_range(y))
+
+        def in_range(y: torch.Tensor) -> bool:
+            low, high = torch.stack(torch.aminmax(y)).tolist()  # one read (a GPU sync)
+            return low >= 0 and high < self.classes  # -100 (ignore_index) is outside
+
+        if in_range(named[0][0] if len(named) == 1 else torch.cat([y.reshape(-1)
+                                                                   for y, _ in named])):
+            return
+        culprit = next(name for y, name in named if not in_range(y))
         raise UnsupportedModel(f"{culprit} has a class index outside [0, {self.classes})")
 
     def loss_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *,

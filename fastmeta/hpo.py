@@ -474,11 +474,11 @@ def _fused_mlp_spec(model: nn.Module, layout: FlatLayout, batches: Sequence[Spli
         spec = MLPSpec.of(model, layout)
         if not batches:
             raise UnsupportedModel("there are no training batches")
-        for k, (x, y) in enumerate(batches):
-            spec.check_batch(x, y, dtype=layout.dtype, device=layout.device,
-                             name=f"batches[{k}]", check_range=False)
-        spec.check_class_range([y for _, y in batches],
-                               [f"batches[{k}]" for k in range(len(batches))])
+        names = [f"batches[{k}]" for k in range(len(batches))]
+        for (x, y), name in zip(batches, names):
+            spec.check_batch(x, y, dtype=layout.dtype, device=layout.device, name=name,
+                             check_range=False)
+        spec.check_class_range([y for _, y in batches], names)
     except UnsupportedModel as e:
         if fused_model:
             raise UnsupportedModel(f"unrolled_validation_loss: fused_model=True but {e}") from e

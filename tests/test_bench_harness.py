@@ -47,6 +47,8 @@ def test_round_robin_runs_at_least_min_cycles():
     fns = {"a": lambda: None, "b": lambda: None}
     timings = harness.time_round_robin(fns, min_run_time=0.0, min_cycles=25)
     assert [t.blocks for t in timings.values()] == [25, 25]
+    with pytest.raises(ValueError, match="min_cycles must be an int >= 1"):
+        harness.time_round_robin(fns, min_run_time=0.0, min_cycles=0)
 
 
 def _needs_native():
@@ -82,6 +84,8 @@ def test_stream_probe_makes_one_fresh_array_per_size_in_every_stream():
         torch.testing.assert_close(arrays[3][t], before[3][t])  # the fourth only read
     assert [t.numel() for t in harness.stream_probe(12, 1, 1).arrays[0]] == [12]
     assert harness.stream_probe([0, 0], 3, 2) is None
+    with pytest.raises(ValueError, match="sizes must be >= 0"):
+        harness.stream_probe([4, -1], 3, 2)
 
 
 def test_stream_probe_on_refuses_streams_that_do_not_match():

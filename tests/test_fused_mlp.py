@@ -204,6 +204,29 @@ def test_unsupported_batches_are_refused(x, y, match):
         spec.check_batch(x, y, dtype=torch.float32, device=torch.device("cpu"))
 
 
+def test_class_indices_out_of_range_are_refused_and_named():
+    spec = MLPSpec.of(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)))
+    cpu = torch.device("cpu")
+    good, x = torch.tensor([0, 2, 1]), torch.randn(3, 5)
+    for bad in (torch.tensor([0, 3, 1]), torch.tensor([0, -100, 1])):  # == classes; ignored
+        with pytest.raises(UnsupportedModel, match=r"batch has a class index outside \[0, 3\)"):
+            spec.check_batch(x, bad, dtype=torch.float32, device=cpu)
+        spec.check_batch(x, bad, dtype=torch.float32, device=cpu, check_range=False)
+        # T tasks: [T, B] labels.
+        with pytest.raises(UnsupportedModel, match="class index outside"):
+            spec.check_batch(x.expand(2, 3, 5), torch.stack([good, bad]),
+                             dtype=torch.float32, device=cpu, tasks=2)
+        # Many batches in one read; the first offending one is named.
+        with pytest.raises(UnsupportedModel, match=r"^third has"):
+            spec.check_class_range([good, torch.tensor([], dtype=torch.long), bad, bad],
+                                   ["first", "second", "third", "fourth"])
+    spec.check_class_range([good, torch.stack([good, good])], ["a", "b"])
+    spec.check_class_range([torch.tensor([], dtype=torch.long)], ["empty"])
+    spec.check_class_range([], [])
+    with pytest.raises(ValueError, match="2 label tensors but 1 names"):
+        spec.check_class_range([good, good], ["a"])
+
+
 # ---- T tasks at once ([T, N] params), mean squared error, and the autograd node for MAML -----
 
 

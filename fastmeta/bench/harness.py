@@ -140,6 +140,8 @@ def time_round_robin(
     ``Timer(..., num_threads=torch.get_num_threads())`` asks for; ``Timer.timeit`` itself
     would add at least two warm-up calls to every block (a conv-4 MAML step takes a second).
     """
+    if isinstance(min_cycles, bool) or not isinstance(min_cycles, int) or min_cycles < 1:
+        raise ValueError(f"min_cycles must be an int >= 1, got {min_cycles!r}")
     for fn in fns.values():
         for _ in range(WARMUP_CALLS):
             fn()
@@ -178,8 +180,11 @@ def stream_probe(sizes: int | list[int], reads: int, writes: int) -> Callable[[]
     since each tensor's start and end (a chunk cut short, the hardware prefetchers starting
     over) costs the stream kernel as it costs the optimizer. On the ResNet-18 list, one flat
     array per stream ran up to ~10% faster than the 62 tensors. None without the extension."""
-    sizes = [sizes] if isinstance(sizes, int) else [n for n in sizes if n > 0]
-    if sum(sizes) == 0:
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    if any(n < 0 for n in sizes):
+        raise ValueError(f"stream_probe: sizes must be >= 0, got {sizes}")
+    sizes = [n for n in sizes if n > 0]
+    if not sizes:
         return None
     arrays = [[torch.rand(n) for n in sizes] for _ in range(reads)]
     probe = stream_probe_on(lambda: arrays, writes)

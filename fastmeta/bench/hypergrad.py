@@ -66,5 +66,6 @@ def rows(*, workloads: list[str], min_run_time: float, rounds: int = ROUNDS,
             baselines={"torch fused + passes": timings["torch fused + passes"]},
             floor=timings.get("floor"),
             notes={"tensors": len(shapes), "elements": numel(shapes), "rounds": rounds,
-                   "streams": {"fastmeta": 6, "torch": 7}},
+                   "streams": {"fastmeta": 6, "torch": 7},
+                   "floor": "fresh tensors of the workload's sizes"},
         )

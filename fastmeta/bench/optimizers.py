@@ -1,8 +1,9 @@
 """The drop-in optimizer benchmark behind ``bench_adam``, ``bench_sgd``, ``bench_adagrad`` and
 ``bench_rmsprop``: one ``step()`` of ``fastmeta.optim.X`` against ``torch.optim.X`` in its
 for-loop, foreach and fused forms (and ``torch.compile`` of the for-loop step on request), on
-the workloads of :mod:`benchmarks.workloads`, with the stream floor for the same bytes measured
-in the same run."""
+the workloads of :mod:`fastmeta.bench.workloads`, with the stream floor for the same bytes
+measured in the same run (on fresh tensors of the workload's sizes, and on the optimizer's own
+tensors)."""
 
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "Adagrad": {"lr": 1e-3},
     "RMSprop": {"lr": 1e-3},
 }
-# Round-robin cycles per workload at least: the medians of the large workloads, whose cycles
-# the slow for-loop and foreach baselines make long, then rest on ~40 blocks per side, not ~30
-# (one full run's Adam ResNet-18 row: 32 blocks, p20 10.8 ms, median 12.1 ms).
-MIN_CYCLES = 40
+# Round-robin cycles per workload at least, in full runs: the medians of the large workloads,
+# whose cycles the slow for-loop and foreach baselines make long, then rest on ~40 blocks per
+# side, not ~30 (one full run's Adam ResNet-18 row: 32 blocks, p20 10.8 ms, median 12.1 ms).
+FULL_MIN_CYCLES = 40
 # torch.optim has no fused=True for these.
 NO_TORCH_FUSED = {"RMSprop"}
 TORCH_VARIANTS = {
@@ -77,11 +78,13 @@ def bench_optimizer(
     compile_baseline: bool = False,
     progress: Callable[[str], None] = print,
     device: str = "cpu",
+    min_cycles: int = harness.ROUND_ROBIN_MIN_CYCLES,
 ) -> Iterator[harness.Row]:
     """Yields one row per workload (so an interrupted run keeps the finished rows). On the CPU,
-    ours, each torch variant and the stream floor are timed round-robin in short blocks
-    (:func:`~fastmeta.bench.harness.time_round_robin`), ``min_run_time`` seconds per side: the
-    bandwidth of this shared machine drifts too fast for sides timed one after the other. On
+    ours, each torch variant and the stream floors are timed round-robin in short blocks
+    (:func:`~fastmeta.bench.harness.time_round_robin`), ``min_run_time`` seconds per side and
+    at least ``min_cycles`` cycles (full runs: :data:`FULL_MIN_CYCLES`): the bandwidth of this
+    shared machine drifts too fast for sides timed one after the other. On
     CUDA each side is timed by ``do_bench`` and the floor is the measured device-to-device copy
     bandwidth applied to the same bytes."""
     config = CONFIGS[name]
@@ -128,7 +131,7 @@ def bench_optimizer(
             timings = {side: harness.time_fn(fn, device=device) for side, fn in steps.items()}
         else:
             timings = harness.time_round_robin(steps, min_run_time=min_run_time,
-                                               min_cycles=MIN_CYCLES)
+                                               min_cycles=min_cycles)
         ours = timings.pop("fastmeta")
         floor = harness.cuda_copy_floor(nbytes) if device == "cuda" else timings.pop("floor", None)
         floor_same_tensors = timings.pop("floor (same tensors)", None)
@@ -143,7 +146,9 @@ def bench_optimizer(
             floor_same_tensors=floor_same_tensors,
             notes={"tensors": len(shapes), "elements": numel(shapes),
                    "bytes": nbytes, "config": str(config), "device": device,
-                   "timing": "round-robin" if device != "cuda" else "do_bench"},
+                   "timing": "round-robin" if device != "cuda" else "do_bench",
+                   "min_cycles": min_cycles if device != "cuda" else None,
+                   "floor": "fresh tensors of the workload's sizes; same tensors: ours"},
         )
 
 
@@ -158,7 +163,8 @@ def main_for(name: str, description: str) -> None:
     parser.add_argument("--json", help="write the rows and machine info here")
     args = parser.parse_args()
     rows = list(bench_optimizer(name, workloads=args.workloads.split(","),
-                                min_run_time=args.min_run_time, compile_baseline=args.compile))
+                                min_run_time=args.min_run_time, compile_baseline=args.compile,
+                                min_cycles=FULL_MIN_CYCLES))
     baselines = list(TORCH_VARIANTS) + (["compile"] if args.compile else [])
     print(harness.format_table(rows, baselines))
     if args.json:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from fastmeta.bench import harness
-from fastmeta.bench.optimizers import TORCH_VARIANTS, bench_optimizer
+from fastmeta.bench.optimizers import FULL_MIN_CYCLES, TORCH_VARIANTS, bench_optimizer
 
 # --quick: the two workloads that show both regimes (overhead-bound, bandwidth-bound), with
 # shorter measurements, so the whole run stays under two minutes on a 2-core machine.
@@ -39,6 +39,7 @@ def _optimizer_suite(name: str) -> Suite:
             # torch.compile takes 10-50 s per workload to compile here: full runs only.
             compile_baseline=not quick,
             progress=progress,
+            min_cycles=harness.ROUND_ROBIN_MIN_CYCLES if quick else FULL_MIN_CYCLES,
         )
 
     return Suite(
