@@ -3,8 +3,9 @@ optimizer against tuned baselines (Andrychowicz et al. 2016, sections 3.1 and 3.
 
 1. Meta-train an :class:`~fastmeta.meta.LSTMOptimizer` by truncated BPTT (100 optimizee steps,
    unrolled 20 at a time, Adam at 1e-3 on the rule, first order as in the paper), fresh problems
-   every meta-epoch: 128 random 10-dimensional quadratics, or 4 digits MLPs (64-20-10 sigmoid,
-   minibatches of 128) with new initialisations.
+   every meta-epoch: 128 random 10-dimensional quadratics (1,500 epochs, the last 500 at 0.3x
+   the lr), or 4 digits MLPs (64-20-10 sigmoid, minibatches of 128; 150 epochs) with new
+   initialisations.
 2. Tune SGD, momentum (0.9), RMSprop and Adam: each learning rate of ``LR_GRID`` runs 100
    steps on a *tuning* set of problems; the lr with the lowest mean final loss wins.
 3. Evaluate everything on a *held-out* set (another seed): mean loss after 100 and after 200
@@ -70,7 +71,9 @@ def main() -> None:
 
     history = meta_train(rule, lambda g: family.make(family.train, g),
                          epochs=epochs, horizon=HORIZON, unroll_steps=UNROLL, lr=OUTER_LR,
-                         seed=args.seed, on_epoch=progress)
+                         lr_decay_epoch=family.lr_decay_epoch,
+                         lr_decay_factor=family.lr_decay_factor, seed=args.seed,
+                         on_epoch=progress)
     train_seconds = time.perf_counter() - start
     rule.save(out / f"{stem}-rule.pt")
 
@@ -81,7 +84,9 @@ def main() -> None:
     print(table)
     print(f"meta-training: {epochs} epochs in {train_seconds:.0f} s")
     (out / f"{stem}.json").write_text(json.dumps(
-        {"problem": args.problem, "epochs": epochs, "train_seconds": train_seconds,
+        {"problem": args.problem, "epochs": epochs, "outer_lr": OUTER_LR,
+         "outer_lr_decay": [family.lr_decay_epoch, family.lr_decay_factor],
+         "train_seconds": train_seconds,
          "lr_grid": LR_GRID, "meta_history": history, "results": results}, indent=1))
     (out / f"{stem}.txt").write_text(table + "\n")
     try:

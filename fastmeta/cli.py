@@ -181,7 +181,8 @@ META_LEARNING_ONLY = ("task", "shots", "queries", "ways", "inner_steps", "inner_
                       "first_order", "inner_optimizer", "learn_inner_lr", "iterations",
                       "grad_clip", "eval_steps", "eval_shots", "omniglot_root", "filters",
                       "num_context_params", "context_mode")
-LSTM_OPT_ONLY = ("problem", "epochs", "horizon", "unroll", "second_order", "hidden")
+LSTM_OPT_ONLY = ("problem", "epochs", "horizon", "unroll", "second_order", "hidden",
+                 "outer_lr_decay_epoch", "outer_lr_decay_factor")
 LSTM_OPT_KEYS = LSTM_OPT_ONLY + ("meta_batch", "outer_lr", "eval_every", "eval_tasks", "seed",
                                  "impl", "out")
 
@@ -475,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--hidden", type=int,
                        help="lstm-opt: units of each of the rule's two LSTM layers")
     train.add_argument("--outer-lr", type=float, help="the learning rate of the outer Adam")
+    train.add_argument("--outer-lr-decay-epoch", type=int,
+                       help="lstm-opt: the meta-epoch from which the outer lr is multiplied by "
+                       "--outer-lr-decay-factor (quadratic default: 1000 of 1500)")
+    train.add_argument("--outer-lr-decay-factor", type=float,
+                       help="lstm-opt: that factor, in (0, 1] (quadratic default: 0.3)")
     train.add_argument("--grad-clip", type=float,
                        help="maml/cavia: clamp meta-gradients to [-c, c]")
     train.add_argument("--eval-every", type=int,

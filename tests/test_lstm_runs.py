@@ -174,8 +174,48 @@ def test_the_run_trains_as_meta_train_does(tmp_path):
     assert [float(r["meta_loss"]) for r in _rows(out)] == history
 
 
+def test_the_outer_lr_decays_as_in_meta_train_and_resumes_across_the_decay(tmp_path):
+    decay = ["--outer-lr-decay-epoch", "2", "--outer-lr-decay-factor", "0.5"]
+    straight = _train(tmp_path / "straight", 3, *decay)
+    rules = {}
+    for name, factor in (("decayed", 0.5), ("constant", 1.0)):
+        torch.manual_seed(3)
+        rules[name] = LSTMOptimizer(impl="reference")
+        meta_train(rules[name], lambda g: QuadraticProblems(4, generator=g), epochs=3,
+                   horizon=4, unroll_steps=2, lr=1e-3, lr_decay_epoch=2,
+                   lr_decay_factor=factor, seed=3)
+    payload = load_checkpoint(straight / "checkpoint.pt")
+    assert payload["config"]["outer_lr_decay_epoch"] == 2
+    for key, value in rules["decayed"].state_dict().items():
+        torch.testing.assert_close(payload["model"][key], value, rtol=0, atol=0)
+    assert any(not torch.equal(payload["model"][k], v)
+               for k, v in rules["constant"].state_dict().items())
+    # Stopped before the decay (after epochs 0 and 1), resumed into it: the same run.
+    interrupted = _train(tmp_path / "resumed", 2, *decay)
+    rows_before = _rows(interrupted)
+    resumed = _train(tmp_path / "resumed", 3, *decay, "--resume")
+    _assert_resumed_exactly(straight, resumed, rows_before, 3)
+
+
+def test_outer_lr_schedule():
+    from fastmeta.meta.lstm_training import outer_lr_at
+
+    assert [outer_lr_at(e, 1e-3, 2, 0.5) for e in range(4)] == [1e-3, 1e-3, 5e-4, 5e-4]
+    assert outer_lr_at(10**6, 1e-3, None, 0.5) == 1e-3
+    config = lstm_runs.default_config()
+    assert (config["epochs"], config["outer_lr_decay_epoch"],
+            config["outer_lr_decay_factor"]) == (1500, 1000, 0.3)
+    assert lstm_runs.default_config(problem="digits")["outer_lr_decay_epoch"] is None
+
+
 @pytest.mark.parametrize("argv, message", [
     (["lstm-opt", "--inner-lr", "0.1"], "--inner-lr: this option applies to maml and cavia"),
+    (["lstm-opt", "--outer-lr-decay-factor", "1.5"],
+     "outer_lr_decay_factor must be a number in (0, 1], got 1.5"),
+    (["lstm-opt", "--outer-lr-decay-epoch", "0"],
+     "outer_lr_decay_epoch must be None or an int >= 1, got 0"),
+    (["maml", "--outer-lr-decay-epoch", "3"], "--outer-lr-decay-epoch: this option applies to "
+                                              "lstm-opt only"),
     (["lstm-opt", "--task", "digits", "--iterations", "5"], "--task, --iterations: these"),
     (["maml", "--horizon", "10"], "--horizon: this option applies to lstm-opt only"),
     (["cavia", "--problem", "digits", "--second-order"], "--problem, --second-order"),
@@ -208,6 +248,8 @@ def test_eval_refuses_shots_for_a_rule(run, capsys):
     (["--problem", "digits"], "trained with problem='quadratic', this run asks for "
                               "problem='digits'"),
     (["--unroll", "4"], "trained with unroll=2, this run asks for unroll=4"),
+    (["--outer-lr-decay-factor", "0.5"], "trained with outer_lr_decay_factor=0.3, this run "
+                                         "asks for outer_lr_decay_factor=0.5"),
 ])
 def test_resume_from_another_run_is_refused(run, tmp_path, capsys, extra, message):
     out = _copy(run, tmp_path)

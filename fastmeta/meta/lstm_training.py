@@ -200,17 +200,39 @@ def unroll(rule: LSTMOptimizer, loss_fn: Callable[[torch.Tensor], torch.Tensor],
     return UnrollResult(meta_loss, theta, state, torch.stack(losses))
 
 
+def outer_lr_at(epoch: int, lr: float, decay_epoch: int | None, decay_factor: float) -> float:
+    """The outer Adam's learning rate in meta-epoch ``epoch`` (from 0): ``lr``, times
+    ``decay_factor`` from ``decay_epoch`` on (a single step decay; None: never)."""
+    return lr * decay_factor if decay_epoch is not None and epoch >= decay_epoch else lr
+
+
+def check_lr_decay(decay_epoch: object, decay_factor: object) -> None:
+    """Raises ValueError unless ``decay_epoch`` is None or an int >= 1 and ``decay_factor`` a
+    number in (0, 1]."""
+    if decay_epoch is not None and (isinstance(decay_epoch, bool)
+                                    or not isinstance(decay_epoch, int) or decay_epoch < 1):
+        raise ValueError(f"outer_lr_decay_epoch must be None or an int >= 1, got "
+                         f"{decay_epoch!r}")
+    if (isinstance(decay_factor, bool) or not isinstance(decay_factor, (int, float))
+            or not 0 < decay_factor <= 1):
+        raise ValueError(f"outer_lr_decay_factor must be a number in (0, 1], got "
+                         f"{decay_factor!r}")
+
+
 def meta_train(rule: LSTMOptimizer,
                make_problems: Callable[[torch.Generator], QuadraticProblems | DigitsMLPProblems],
                *, epochs: int, horizon: int = 100, unroll_steps: int = 20, lr: float = 1e-3,
+               lr_decay_epoch: int | None = None, lr_decay_factor: float = 1.0,
                second_order: bool = False, seed: int = 0,
                on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """Meta-trains ``rule`` in place by truncated BPTT; returns each epoch's mean loss.
 
     Each epoch samples fresh problems (``make_problems(generator)``), optimizes them for
     ``horizon`` steps in truncations of ``unroll_steps``, and after each truncation takes one
-    Adam step (at ``lr``) on the rule's weights.
+    Adam step on the rule's weights, at ``lr`` (times ``lr_decay_factor`` from epoch
+    ``lr_decay_epoch`` on, see :func:`outer_lr_at`).
     """
+    check_lr_decay(lr_decay_epoch, lr_decay_factor)
     for name, value in (("epochs", epochs), ("horizon", horizon), ("unroll_steps", unroll_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -223,6 +245,8 @@ def meta_train(rule: LSTMOptimizer,
     outer = Adam(rule.parameters(), lr=lr)
     history = []
     for epoch in range(epochs):
+        for group in outer.param_groups:
+            group["lr"] = outer_lr_at(epoch, lr, lr_decay_epoch, lr_decay_factor)
         history.append(meta_epoch(rule, outer, make_problems(generator), horizon=horizon,
                                   unroll_steps=unroll_steps, second_order=second_order))
         if on_epoch is not None:
