@@ -478,9 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--outer-lr", type=float, help="the learning rate of the outer Adam")
     train.add_argument("--outer-lr-decay-epoch", type=int,
                        help="lstm-opt: the meta-epoch from which the outer lr is multiplied by "
-                       "--outer-lr-decay-factor (quadratic default: 1000 of 1500)")
+                       "--outer-lr-decay-factor (default: none)")
     train.add_argument("--outer-lr-decay-factor", type=float,
-                       help="lstm-opt: that factor, in (0, 1] (quadratic default: 0.3)")
+                       help="lstm-opt: that factor, in (0, 1] (default: 1)")
     train.add_argument("--grad-clip", type=float,
                        help="maml/cavia: clamp meta-gradients to [-c, c]")
     train.add_argument("--eval-every", type=int,

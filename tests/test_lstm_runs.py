@@ -202,10 +202,9 @@ def test_outer_lr_schedule():
 
     assert [outer_lr_at(e, 1e-3, 2, 0.5) for e in range(4)] == [1e-3, 1e-3, 5e-4, 5e-4]
     assert outer_lr_at(10**6, 1e-3, None, 0.5) == 1e-3
-    config = lstm_runs.default_config()
-    assert (config["epochs"], config["outer_lr_decay_epoch"],
-            config["outer_lr_decay_factor"]) == (1500, 1000, 0.3)
-    assert lstm_runs.default_config(problem="digits")["outer_lr_decay_epoch"] is None
+    for problem in lstm_runs.FAMILIES:
+        config = lstm_runs.default_config(problem=problem)
+        assert (config["outer_lr_decay_epoch"], config["outer_lr_decay_factor"]) == (None, 1.0)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -248,7 +247,7 @@ def test_eval_refuses_shots_for_a_rule(run, capsys):
     (["--problem", "digits"], "trained with problem='quadratic', this run asks for "
                               "problem='digits'"),
     (["--unroll", "4"], "trained with unroll=2, this run asks for unroll=4"),
-    (["--outer-lr-decay-factor", "0.5"], "trained with outer_lr_decay_factor=0.3, this run "
+    (["--outer-lr-decay-factor", "0.5"], "trained with outer_lr_decay_factor=1.0, this run "
                                          "asks for outer_lr_decay_factor=0.5"),
 ])
 def test_resume_from_another_run_is_refused(run, tmp_path, capsys, extra, message):
