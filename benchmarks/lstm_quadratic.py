@@ -70,9 +70,7 @@ def main() -> None:
 
     history = meta_train(rule, lambda g: family.make(family.train, g),
                          epochs=epochs, horizon=HORIZON, unroll_steps=UNROLL, lr=OUTER_LR,
-                         lr_decay_epoch=family.lr_decay_epoch,
-                         lr_decay_factor=family.lr_decay_factor, seed=args.seed,
-                         on_epoch=progress)
+                         seed=args.seed, on_epoch=progress)
     train_seconds = time.perf_counter() - start
     rule.save(out / f"{stem}-rule.pt")
 
@@ -83,9 +81,7 @@ def main() -> None:
     print(table)
     print(f"meta-training: {epochs} epochs in {train_seconds:.0f} s")
     (out / f"{stem}.json").write_text(json.dumps(
-        {"problem": args.problem, "epochs": epochs, "outer_lr": OUTER_LR,
-         "outer_lr_decay": [family.lr_decay_epoch, family.lr_decay_factor],
-         "train_seconds": train_seconds,
+        {"problem": args.problem, "epochs": epochs, "train_seconds": train_seconds,
          "lr_grid": LR_GRID, "meta_history": history, "results": results}, indent=1))
     (out / f"{stem}.txt").write_text(table + "\n")
     try:

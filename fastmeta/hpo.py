@@ -72,7 +72,7 @@ from fastmeta.backends import Impl
 from fastmeta.flat import FlatLayout
 from fastmeta.fused_mlp import MLPSpec, UnsupportedModel
 from fastmeta.ops import tensor_lists as tl
-from fastmeta.ops.sgd import SGD_RULE, check_sgd_step_args
+from fastmeta.ops.sgd import SGD_RULE, prepare_sgd_step
 from fastmeta.optim import SGD, Adam
 
 __all__ = [
@@ -508,13 +508,9 @@ def _unrolled_mlp(spec: MLPSpec, layout: FlatLayout, theta: torch.Tensor,
     layout.check(theta, name="theta", tasks=0)
     if tl.is_zero(momentum):  # as fastmeta.functional.momentum
         raise ValueError(f"{op}: momentum must not be 0 (use sgd for plain gradient descent)")
-    check_sgd_step_args(op, lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=0.0,
-                        nesterov=False, momentum_buffer=buffer)
     # The training gradients are made inside the unroll; θ stands in for them in the checks.
-    first, hypers = tl.prepare_step(
-        SGD_RULE, op, impl, theta, theta, {"momentum_buffer": buffer},
-        dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=0.0),
-        dict(nesterov=False, maximize=False, has_momentum=True))
+    first, hypers = prepare_sgd_step(op, theta, theta, buffer, lr=lr, weight_decay=weight_decay,
+                                     momentum=momentum, impl=impl)
     later = first
     if buffer is None:  # steps after the first carry a buffer
         later = first.with_states((True,))

@@ -185,6 +185,14 @@ def _unroll(path: str, model, layout, state, hypers, batches, val, probe, *, imp
     return val_loss.detach(), theta_k.detach(), buffer_k.detach(), grads, took_mlp
 
 
+def _unroll_paths(make_model, dtype: torch.dtype, *paths: str):
+    """A fresh :func:`_mlp_problem` and one :func:`_unroll` of it per path."""
+    problem = _mlp_problem(make_model, dtype)
+    model, layout, batches, val, state, hypers, probe = problem
+    return problem, [_unroll(path, model, layout, state, hypers, batches, val, probe)
+                     for path in paths]
+
+
 def _assert_mlp_close(actual, expected):
     values = [*actual[:3], *actual[3]], [*expected[:3], *expected[3]]
     for a, e in zip(*values):
@@ -209,10 +217,8 @@ def test_mlp_path_matches_eager_autograd(impl, name):
 
 @pytest.mark.parametrize("name", list(MLP_MODELS))
 def test_mlp_path_in_float32_is_as_accurate_as_eager(name):
-    model, layout, batches, val, state, hypers, probe = _mlp_problem(MLP_MODELS[name],
-                                                                     torch.float32)
-    mlp = _unroll("mlp", model, layout, state, hypers, batches, val, probe)
-    eager = _unroll("eager", model, layout, state, hypers, batches, val, probe)
+    problem, (mlp, eager) = _unroll_paths(MLP_MODELS[name], torch.float32, "mlp", "eager")
+    model, _, batches, val, state, hypers, probe = problem
     model64 = model.double()  # the same start, hyperparameters and data, in float64
     up = [t.double() for t in (*state[:1], *hypers, probe)]
     batches64 = [(x.double(), y) for x, y in batches]
@@ -253,10 +259,9 @@ def test_zero_momentum_number_is_refused_on_both_paths(fused_model):
 
 @pytest.mark.parametrize("why", list(UNSUPPORTED_MODELS))
 def test_unsupported_models_take_the_per_step_path(why):
-    model, layout, batches, val, state, hypers, probe = _mlp_problem(UNSUPPORTED_MODELS[why],
-                                                                     torch.float64)
-    auto = _unroll("auto", model, layout, state, hypers, batches, val, probe)
-    per_step = _unroll("per_step", model, layout, state, hypers, batches, val, probe)
+    problem, (auto, per_step) = _unroll_paths(UNSUPPORTED_MODELS[why], torch.float64, "auto",
+                                              "per_step")
+    model, layout, batches, val, state, hypers, probe = problem
     assert not auto[4]
     _assert_mlp_close(auto, per_step)
     with pytest.raises(UnsupportedModel, match=f"fused_model=True but .*{why}"):

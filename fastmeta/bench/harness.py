@@ -234,15 +234,6 @@ def stream_probe_on(
     return probe
 
 
-def stream_floor(
-    sizes: int | list[int], reads: int, writes: int, *,
-    min_run_time: float = DEFAULT_MIN_RUN_TIME,
-) -> Timing | None:
-    """Times :func:`stream_probe`; None without the extension."""
-    probe = stream_probe(sizes, reads, writes)
-    return None if probe is None else time_fn(probe, min_run_time=min_run_time)
-
-
 _cuda_copy_bandwidth: float | None = None
 
 
@@ -326,13 +317,14 @@ class Row:
 
     def roofline(self) -> float | None:
         """The stream floor as a fraction of our time (1.0 means at the floor)."""
-        return None if self.floor is None else self.floor.median / self.ours.median
+        return self._fraction(self.floor)
 
     def roofline_same_tensors(self) -> float | None:
         """The stream floor on our own tensors as a fraction of our time."""
-        if self.floor_same_tensors is None:
-            return None
-        return self.floor_same_tensors.median / self.ours.median
+        return self._fraction(self.floor_same_tensors)
+
+    def _fraction(self, floor: Timing | None) -> float | None:
+        return None if floor is None else floor.median / self.ours.median
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -55,7 +55,7 @@ from fastmeta.meta.lstm_training import (
     QuadraticProblems,
     check_lr_decay,
     meta_epoch,
-    outer_lr_at,
+    set_outer_lr,
 )
 from fastmeta.meta.training import (
     CheckpointError,
@@ -114,10 +114,6 @@ class ProblemFamily(NamedTuple):
     eval: int
     #: meta-epochs of a full run.
     epochs: int
-    #: the meta-epoch from which the outer lr is multiplied by ``lr_decay_factor`` (None:
-    #: constant lr).
-    lr_decay_epoch: int | None = None
-    lr_decay_factor: float = 1.0
 
 
 #: The optimizee families. Quadratics: 128 per meta-epoch, the batch of the paper's released
@@ -133,6 +129,8 @@ FAMILIES: dict[str, ProblemFamily] = {
 
 # The config keys a resumed run must share with its checkpoint: the rule's architecture and
 # everything that fixes the sequence of problems and updates it continues.
+#: The default: a constant outer lr (also what checkpoints from before the option trained with).
+NO_LR_DECAY = {"outer_lr_decay_epoch": None, "outer_lr_decay_factor": 1.0}
 RESUME_KEYS = ("algorithm", "problem", "hidden", "horizon", "unroll", "second_order",
                "meta_batch", "outer_lr", "outer_lr_decay_epoch", "outer_lr_decay_factor", "seed")
 _POSITIVE_INTS = ("epochs", "horizon", "unroll", "hidden", "meta_batch", "eval_tasks",
@@ -158,8 +156,8 @@ def default_config(**overrides: Any) -> dict[str, Any]:
     family = FAMILIES[problem]
     config: dict[str, Any] = {
         "algorithm": ALGORITHM, "problem": problem, "epochs": family.epochs, "horizon": HORIZON,
-        "unroll": UNROLL, "outer_lr": OUTER_LR, "outer_lr_decay_epoch": family.lr_decay_epoch,
-        "outer_lr_decay_factor": family.lr_decay_factor, "second_order": False, "hidden": HIDDEN,
+        "unroll": UNROLL, "outer_lr": OUTER_LR, **NO_LR_DECAY, "second_order": False,
+        "hidden": HIDDEN,
         "meta_batch": family.train, "eval_tasks": family.eval, "eval_every": EVAL_EVERY,
         "seed": 0, "impl": "auto", "out": f"runs/lstm-{problem}",
     }
@@ -354,9 +352,6 @@ def build(config: Mapping[str, Any]) -> LSTMOptimizer:
     return LSTMOptimizer(config["hidden"], impl=config["impl"])
 
 
-_PRE_DECAY_DEFAULTS = {"outer_lr_decay_epoch": None, "outer_lr_decay_factor": 1.0}
-
-
 def _check_same_run(saved: Any, config: Mapping[str, Any], path: Path) -> None:
     if not isinstance(saved, Mapping):
         raise CheckpointError(f"{path}: the checkpoint holds no run config")
@@ -365,7 +360,7 @@ def _check_same_run(saved: Any, config: Mapping[str, Any], path: Path) -> None:
                               f"of an {ALGORITHM} run")
     for key in RESUME_KEYS:
         # Checkpoints from before the lr decay existed trained at a constant lr.
-        value = saved.get(key, _PRE_DECAY_DEFAULTS.get(key))
+        value = saved.get(key, NO_LR_DECAY.get(key))
         if value != config[key]:
             raise CheckpointError(f"{path}: the checkpoint was trained with "
                                   f"{key}={value!r}, this run asks for "
@@ -515,10 +510,8 @@ def train(config: Mapping[str, Any], *, resume: bool = False, quiet: bool = Fals
     with metrics, Progress(config["epochs"], initial=start, desc=f"meta-train {ALGORITHM}",
                            disable=quiet) as bar:
         for epoch in range(start, config["epochs"]):
-            for group in outer.param_groups:  # set every epoch, so a resumed run agrees
-                group["lr"] = outer_lr_at(epoch, config["outer_lr"],
-                                          config["outer_lr_decay_epoch"],
-                                          config["outer_lr_decay_factor"])
+            set_outer_lr(outer, epoch, config["outer_lr"], config["outer_lr_decay_epoch"],
+                         config["outer_lr_decay_factor"])
             problems = family.make(config["meta_batch"], generator)
             loss = _epoch(rule, outer, problems, config, epoch, distributed=ctx is not None)
             done = epoch + 1

@@ -206,6 +206,14 @@ def outer_lr_at(epoch: int, lr: float, decay_epoch: int | None, decay_factor: fl
     return lr * decay_factor if decay_epoch is not None and epoch >= decay_epoch else lr
 
 
+def set_outer_lr(outer: torch.optim.Optimizer, epoch: int, lr: float, decay_epoch: int | None,
+                 decay_factor: float) -> None:
+    """Sets :func:`outer_lr_at` on every group of ``outer``, at the start of each epoch (so a
+    run resumed from a checkpoint, whose optimizer state holds an older lr, agrees)."""
+    for group in outer.param_groups:
+        group["lr"] = outer_lr_at(epoch, lr, decay_epoch, decay_factor)
+
+
 def check_lr_decay(decay_epoch: object, decay_factor: object) -> None:
     """Raises ValueError unless ``decay_epoch`` is None or an int >= 1 and ``decay_factor`` a
     number in (0, 1]."""
@@ -245,8 +253,7 @@ def meta_train(rule: LSTMOptimizer,
     outer = Adam(rule.parameters(), lr=lr)
     history = []
     for epoch in range(epochs):
-        for group in outer.param_groups:
-            group["lr"] = outer_lr_at(epoch, lr, lr_decay_epoch, lr_decay_factor)
+        set_outer_lr(outer, epoch, lr, lr_decay_epoch, lr_decay_factor)
         history.append(meta_epoch(rule, outer, make_problems(generator), horizon=horizon,
                                   unroll_steps=unroll_steps, second_order=second_order))
         if on_epoch is not None:

@@ -224,8 +224,8 @@ class SgdFunction(Function):
         return tl.step_vmap(SgdFunction, SGD_RULE, info, in_dims, cfg, *args)
 
 
-def check_sgd_step_args(op: str, *, lr, weight_decay, momentum, dampening, nesterov: bool,
-                        momentum_buffer: torch.Tensor | None) -> bool:
+def _check_sgd_step_args(op: str, *, lr, weight_decay, momentum, dampening, nesterov: bool,
+                         momentum_buffer: torch.Tensor | None) -> bool:
     """The out-of-place step's rules for its hyperparameters (numbers must be >= 0; Nesterov
     needs a momentum and no dampening; a buffer needs a momentum), with ``op`` in the
     messages. Returns whether there is a momentum. Tensor values are checked by the callers'
@@ -239,6 +239,31 @@ def check_sgd_step_args(op: str, *, lr, weight_decay, momentum, dampening, neste
     if momentum_buffer is not None and not has_momentum:
         raise ValueError(f"{op}: momentum_buffer was given but momentum is 0")
     return has_momentum
+
+
+def _sgd_step_inputs(momentum_buffer, *, lr, weight_decay, momentum, dampening, nesterov,
+                     maximize, has_momentum) -> tuple[dict, dict, dict]:
+    """The ``(states, hypers, flags)`` of one SGD step, as :func:`tl.prepare_step` and
+    :func:`tl.run_step` take them."""
+    return ({"momentum_buffer": momentum_buffer},
+            dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening),
+            dict(nesterov=nesterov, maximize=maximize, has_momentum=has_momentum))
+
+
+def prepare_sgd_step(op: str, param: torch.Tensor, grad: torch.Tensor,
+                     momentum_buffer: torch.Tensor | None, *, lr, weight_decay=0.0, momentum=0.0,
+                     dampening=0.0, nesterov: bool = False, maximize: bool = False,
+                     impl: Impl | str = Impl.AUTO) -> tuple[tl.StepConfig, list]:
+    """What :func:`sgd_step` checks and resolves before its kernels run, for a caller that
+    runs the fused kernels itself (:class:`tl.StepKernels`), e.g. many steps with the same
+    hyperparameters: ``(cfg, tensor_hypers)`` as :func:`tl.prepare_step` returns them, with
+    ``op`` in the messages."""
+    has_momentum = _check_sgd_step_args(op, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                        dampening=dampening, nesterov=nesterov,
+                                        momentum_buffer=momentum_buffer)
+    return tl.prepare_step(SGD_RULE, op, impl, param, grad, *_sgd_step_inputs(
+        momentum_buffer, lr=lr, weight_decay=weight_decay, momentum=momentum,
+        dampening=dampening, nesterov=nesterov, maximize=maximize, has_momentum=has_momentum))
 
 
 def sgd_step(
@@ -268,9 +293,9 @@ def sgd_step(
         ``(new_param, new_momentum_buffer)``; the buffer is None when ``momentum`` is 0.
     """
     op = "sgd_step"
-    has_momentum = check_sgd_step_args(op, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                       dampening=dampening, nesterov=nesterov,
-                                       momentum_buffer=momentum_buffer)
+    has_momentum = _check_sgd_step_args(op, lr=lr, weight_decay=weight_decay,
+                                        momentum=momentum, dampening=dampening,
+                                        nesterov=nesterov, momentum_buffer=momentum_buffer)
     if (not has_momentum and not isinstance(lr, torch.Tensor) and tl.is_zero(weight_decay)
             and backends.is_auto(impl)):
         # Plain gradient descent with a number lr: θ − lr·(±g) is one torch.add, already a
@@ -284,9 +309,7 @@ def sgd_step(
         lr = tl.batched_hyper(op, "lr", lr, param, per_element=True)
         backends.note(op, Impl.REFERENCE)
         return torch.add(param, grad, alpha=lr if maximize else -lr), None
-    new_p, states = tl.run_step(
-        SgdFunction, SGD_RULE, op, impl, param, grad, {"momentum_buffer": momentum_buffer},
-        dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening),
-        dict(nesterov=nesterov, maximize=maximize, has_momentum=has_momentum),
-    )
+    new_p, states = tl.run_step(SgdFunction, SGD_RULE, op, impl, param, grad, *_sgd_step_inputs(
+        momentum_buffer, lr=lr, weight_decay=weight_decay, momentum=momentum,
+        dampening=dampening, nesterov=nesterov, maximize=maximize, has_momentum=has_momentum))
     return new_p, states.get("momentum_buffer")
