@@ -4,7 +4,7 @@ optimizer against tuned baselines (Andrychowicz et al. 2016, sections 3.1 and 3.
 1. Meta-train an :class:`~fastmeta.meta.LSTMOptimizer` by truncated BPTT (100 optimizee steps,
    unrolled 20 at a time, Adam at 1e-3 on the rule, first order as in the paper), fresh problems
    every meta-epoch: 128 random 10-dimensional quadratics (1,000 epochs), or 4 digits MLPs
-   (64-20-10 sigmoid, minibatches of 128; 150 epochs) with new initialisations.
+   (64-20-10 sigmoid, minibatches of 128; 1,000 epochs) with new initialisations.
 2. Tune SGD, momentum (0.9), RMSprop and Adam: each learning rate of ``LR_GRID`` runs 100
    steps on a *tuning* set of problems; the lr with the lowest mean final loss wins.
 3. Evaluate everything on a *held-out* set (another seed): mean loss after 100 and after 200

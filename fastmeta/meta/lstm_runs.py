@@ -121,10 +121,12 @@ class ProblemFamily(NamedTuple):
 #: epochs at 0.3x the lr took one trained rule's held-out loss at 100 steps from 0.125 to
 #: 0.087, but a fresh 1,500-epoch run with that decay from epoch 1,000 ended at 0.133: the
 #: run-to-run spread is larger than the gain.) Digits MLPs: 4 per meta-epoch (each has 1,510
-#: coordinates) and 150 epochs, which fit a CPU in minutes (benchmarks/results/lstm-digits.json).
+#: coordinates) and 1,000 epochs (~21 minutes on 2 CPU cores): after 150 epochs the rule still
+#: fell behind tuned Adam after ~40 steps; after 1,000 it is ahead over all 100
+#: (benchmarks/results/lstm-digits.json).
 FAMILIES: dict[str, ProblemFamily] = {
     "quadratic": ProblemFamily(lambda n, g: QuadraticProblems(n, generator=g), 128, 100, 1000),
-    "digits": ProblemFamily(lambda n, g: DigitsMLPProblems(n, generator=g), 4, 20, 150),
+    "digits": ProblemFamily(lambda n, g: DigitsMLPProblems(n, generator=g), 4, 20, 1000),
 }
 
 # The config keys a resumed run must share with its checkpoint: the rule's architecture and
