@@ -9,9 +9,13 @@ optimizer against tuned baselines (Andrychowicz et al. 2016, sections 3.1 and 3.
    steps on a *tuning* set of problems; the lr with the lowest mean final loss wins.
 3. Evaluate everything on a *held-out* set (another seed): mean loss after 100 and after 200
    steps (the rule was trained for 100). For the digits the loss at a step is that step's
-   minibatch loss, and every method sees the same minibatch sequence.
+   minibatch loss, and every method sees the same minibatch sequence. The learned rule is the
+   one of the meta-epoch with the lowest loss on a third, *validation* set (evaluated every
+   ``EVAL_EVERY`` epochs, :class:`~fastmeta.meta.lstm_runs.BestOnValidation`); the last
+   epoch's rule is reported beside it.
 
-The tuning and held-out sets are disjoint, so the baselines are not tuned on the test set. The
+The tuning, validation and held-out sets are disjoint, so neither the baselines' learning rates
+nor the rule's selection see the test set. The
 tuning, curves, table and plot are :mod:`fastmeta.meta.lstm_runs`'s, shared with
 ``fastmeta train lstm-opt`` (which also checkpoints and resumes).
 """
@@ -27,14 +31,18 @@ import torch
 
 from fastmeta.meta import LSTMOptimizer
 from fastmeta.meta.lstm_runs import (
+    EVAL_EVERY,
     FAMILIES,
     HORIZON,
+    LAST_EPOCH,
     LR_GRID,
     OUTER_LR,
     UNROLL,
+    BestOnValidation,
     compare_with_baselines,
     format_table,
     plot_curves,
+    validation_loss,
 )
 from fastmeta.meta.lstm_training import meta_train
 
@@ -58,31 +66,43 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     rule = LSTMOptimizer()
+    best = BestOnValidation()
+    validation: list[tuple[int, float]] = []  # (epoch, validation loss)
     start = time.perf_counter()
     last = [start]
 
     def progress(epoch: int, loss: float) -> None:
+        done = epoch + 1
+        if done % EVAL_EVERY == 0 or done == epochs:
+            val = validation_loss(rule, args.problem, problems=family.eval, steps=HORIZON)
+            validation.append((done, val))
+            best.offer(rule, val, done)
         now = time.perf_counter()
-        if now - last[0] > 10 or epoch + 1 == epochs:
-            print(f"meta-epoch {epoch + 1}/{epochs}: mean optimizee loss {loss:.4f} "
-                  f"({now - start:.0f} s)", flush=True)
+        if now - last[0] > 10 or done == epochs:
+            print(f"meta-epoch {done}/{epochs}: mean optimizee loss {loss:.4f}, best "
+                  f"validation loss {best.loss:.4f} (epoch {best.epoch}) ({now - start:.0f} s)",
+                  flush=True)
             last[0] = now
 
     history = meta_train(rule, lambda g: family.make(family.train, g),
                          epochs=epochs, horizon=HORIZON, unroll_steps=UNROLL, lr=OUTER_LR,
                          seed=args.seed, on_epoch=progress)
     train_seconds = time.perf_counter() - start
-    rule.save(out / f"{stem}-rule.pt")
+    selected = best.selected(rule)
+    selected.save(out / f"{stem}-rule.pt")
 
-    compared = compare_with_baselines(rule, args.problem, problems=family.eval,
-                                      tune_steps=HORIZON, steps=2 * HORIZON)
+    compared = compare_with_baselines(selected, args.problem, problems=family.eval,
+                                      tune_steps=HORIZON, steps=2 * HORIZON,
+                                      other_rules={LAST_EPOCH: rule})
     results = {name: {k: r[k] for k in RESULT_KEYS if k in r} for name, r in compared.items()}
     table = format_table(results, (HORIZON, 2 * HORIZON))
     print(table)
-    print(f"meta-training: {epochs} epochs in {train_seconds:.0f} s")
+    print(f"meta-training: {epochs} epochs in {train_seconds:.0f} s; the learned rule is epoch "
+          f"{best.epoch}'s (validation loss {best.loss:.4f})")
     (out / f"{stem}.json").write_text(json.dumps(
         {"problem": args.problem, "epochs": epochs, "train_seconds": train_seconds,
-         "lr_grid": LR_GRID, "meta_history": history, "results": results}, indent=1))
+         "lr_grid": LR_GRID, "meta_history": history, "validation": validation,
+         "selected_epoch": best.epoch, "results": results}, indent=1))
     (out / f"{stem}.txt").write_text(table + "\n")
     try:
         plot_curves(results, out / f"{stem}.png", horizon=HORIZON,

@@ -47,6 +47,12 @@ def _rows(out):
         return list(csv.DictReader(f))
 
 
+def _assert_same_weights(rule, state):
+    assert rule.state_dict().keys() == state.keys()
+    for key, value in rule.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+
 def _assert_same_state(a, b):
     """Two checkpoints hold bit-identical rules, outer-Adam states and problem generators."""
     assert a["iteration"] == b["iteration"]
@@ -56,6 +62,10 @@ def _assert_same_state(a, b):
         for key, value in state.items():
             torch.testing.assert_close(b["optimizer"]["state"][index][key], value, rtol=0, atol=0)
     assert torch.equal(a["extra"]["generator"], b["extra"]["generator"])
+    best_a, best_b = a["extra"]["best"], b["extra"]["best"]
+    assert (best_a["epoch"], best_a["loss"]) == (best_b["epoch"], best_b["loss"])
+    for key, value in best_a["state"].items():
+        torch.testing.assert_close(best_b["state"][key], value, rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
@@ -78,18 +88,25 @@ def test_run_writes_checkpoint_metrics_rule_summary_and_plot(run):
 
     payload = load_checkpoint(run / "checkpoint.pt")
     assert payload["iteration"] == 3 and payload["config"]["problem"] == "quadratic"
-    rule = LSTMOptimizer.load(run / "rule.pt")
-    for key, value in rule.state_dict().items():
-        torch.testing.assert_close(payload["model"][key], value, rtol=0, atol=0)
+    _assert_same_weights(LSTMOptimizer.load(run / "rule-last.pt"), payload["model"])
+    # rule.pt: the rule of the evaluation with the lowest validation loss
+    evaluated = {int(r["epoch"]): float(r["eval_loss"]) for r in rows if r["eval_loss"]}
+    selected = min(evaluated, key=evaluated.__getitem__)
+    best = payload["extra"]["best"]
+    assert best["epoch"] == selected and best["loss"] == evaluated[selected]
+    _assert_same_weights(LSTMOptimizer.load(run / "rule.pt"), best["state"])
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == [4, 8] and summary["resumed_from"] is None
-    assert list(summary["results"]) == [*lstm_runs.BASELINES, lstm_runs.LEARNED]
-    for name, r in summary["results"].items():
+    assert summary["selected_epoch"] == selected
+    assert summary["selected_validation_loss"] == evaluated[selected]
+    assert list(summary["results"]) == [*lstm_runs.BASELINES, lstm_runs.LEARNED,
+                                        lstm_runs.LAST_EPOCH]
+    for r in summary["results"].values():
         assert len(r["curve"]) == 9  # steps 0..8
         assert r["loss"]["4"]["mean"] == pytest.approx(r["curve"][4])
         assert r["loss"]["8"]["n"] + r["loss"]["8"]["diverged"] == 4
-        if name != lstm_runs.LEARNED:
+        if r["lr"] is not None:  # a baseline
             finals = {float(lr): v for lr, v in r["tuning_final"].items()}
             assert sorted(finals) == sorted(lstm_runs.LR_GRID)
             assert r["lr"] == min((lr for lr in finals if math.isfinite(finals[lr])),
@@ -279,6 +296,63 @@ def test_weights_that_do_not_fit_the_config_are_refused(run, tmp_path):
     config = lstm_runs.default_config(**{**payload["config"], "epochs": 4, "out": str(out)})
     with pytest.raises(CheckpointError, match="does not fit the architecture"):
         lstm_runs.train(config, resume=True, quiet=True)
+
+
+def test_best_on_validation_keeps_the_rule_of_the_lowest_finite_loss():
+    torch.manual_seed(0)
+    rule, best = LSTMOptimizer(4), lstm_runs.BestOnValidation()
+    assert best.selected(rule) is rule  # nothing kept yet
+    assert best.offer(rule, 2.0, 10)
+    kept = {k: v.clone() for k, v in rule.state_dict().items()}
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.add_(1.0)
+    assert not best.offer(rule, float("nan"), 20)
+    assert not best.offer(rule, float("inf"), 30)
+    assert not best.offer(rule, 2.0, 40)  # a tie keeps the earlier rule
+    assert not best.offer(rule, 3.0, 50)
+    assert (best.loss, best.epoch) == (2.0, 10)
+    chosen = best.selected(rule)
+    assert chosen is not rule
+    _assert_same_weights(chosen, kept)
+    rule.load_state_dict(kept)  # the kept copy does not alias the live weights
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.mul_(0.0)
+    _assert_same_weights(best.selected(rule), kept)
+    assert best.offer(rule, 1.5, 60) and best.epoch == 60
+    again = lstm_runs.BestOnValidation.from_payload(best.to_payload())
+    assert (again.loss, again.epoch) == (1.5, 60)
+    _assert_same_weights(again.selected(rule), rule.state_dict())
+    empty = lstm_runs.BestOnValidation.from_payload(None)
+    assert (empty.loss, empty.epoch, empty.state) == (math.inf, None, None)
+    with pytest.raises(CheckpointError, match="best-on-validation record is damaged"):
+        lstm_runs.BestOnValidation.from_payload({"loss": "low"})
+
+
+def test_a_checkpoint_without_a_best_record_resumes_and_evaluates_its_last_rule(run, tmp_path):
+    """Checkpoints written before the best-on-validation record existed."""
+    out = _copy(run, tmp_path)
+    payload = load_checkpoint(out / "checkpoint.pt")
+    del payload["extra"]["best"]
+    save_checkpoint(out / "checkpoint.pt", payload)
+    rule, _ = lstm_runs.load_trained(out / "checkpoint.pt")
+    _assert_same_weights(rule, payload["model"])
+    _train(out, 4, "--resume")
+    assert load_checkpoint(out / "checkpoint.pt")["extra"]["best"]["epoch"] == 4
+
+
+def test_a_damaged_best_record_is_refused(run, tmp_path):
+    out = _copy(run, tmp_path)
+    payload = load_checkpoint(out / "checkpoint.pt")
+    payload["extra"]["best"]["state"] = {"not": torch.zeros(1)}
+    save_checkpoint(out / "checkpoint.pt", payload)
+    with pytest.raises(CheckpointError, match="best-on-validation rule does not fit"):
+        lstm_runs.load_trained(out / "checkpoint.pt")
+    payload["extra"]["best"] = {"loss": None}
+    save_checkpoint(out / "checkpoint.pt", payload)
+    with pytest.raises(CheckpointError, match="best-on-validation record is damaged"):
+        lstm_runs.load_trained(out / "checkpoint.pt")
 
 
 def test_corrupt_checkpoint_is_reported_and_never_loaded(run, tmp_path, capsys):

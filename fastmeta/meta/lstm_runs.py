@@ -8,10 +8,12 @@ A run lives in one folder (``out``):
   problem generator and every RNG), so a resumed run continues exactly where it stopped;
 * ``metrics.csv``: one row per meta-epoch (mean meta-training loss, seconds), with the loss of
   the rule after ``horizon`` steps on validation problems every ``eval_every`` epochs;
-* ``rule.pt``: the trained rule (:meth:`LSTMOptimizer.save`), for :class:`fastmeta.optim.Learned`;
-* ``summary.json`` and ``curves.png``: the learned rule against SGD, momentum, RMSprop and Adam,
-  each tuned over :data:`LR_GRID`, on held-out problems after ``horizon`` and ``2 * horizon``
-  steps (the rule was trained for ``horizon``).
+* ``rule.pt``: the trained rule (:meth:`LSTMOptimizer.save`), for :class:`fastmeta.optim.Learned`:
+  the rule of the evaluation with the lowest validation loss (:class:`BestOnValidation`);
+  ``rule-last.pt``: the rule after the last meta-epoch;
+* ``summary.json`` and ``curves.png``: the learned rule (and the last epoch's) against SGD,
+  momentum, RMSprop and Adam, each tuned over :data:`LR_GRID`, on held-out problems after
+  ``horizon`` and ``2 * horizon`` steps (the rule was trained for ``horizon``).
 
 The comparison (:func:`compare_with_baselines`, :func:`format_table`, :func:`plot_curves`) is
 also what ``benchmarks/lstm_quadratic.py`` runs. Three disjoint problem sets keep it honest: the
@@ -80,8 +82,11 @@ Problems = Union[QuadraticProblems, DigitsMLPProblems]
 
 #: The ``algorithm`` of these runs' configs (and of ``fastmeta train``).
 ALGORITHM = "lstm-opt"
-#: The name of the learned rule in results, tables and plots.
+#: The name of the learned rule in results, tables and plots: the rule of the meta-epoch whose
+#: validation loss was lowest (:class:`BestOnValidation`).
 LEARNED = "LSTM (learned)"
+#: The rule as it stood after the last meta-epoch, reported beside :data:`LEARNED`.
+LAST_EPOCH = "LSTM (last epoch)"
 #: Learning rates tried for each baseline (log-spaced, 1e-4 .. 3): every tuned lr of
 #: benchmarks/results/lstm-*.txt lies inside, except SGD and momentum on the digits, at the top.
 LR_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0]
@@ -197,6 +202,61 @@ def _problems(problem: str, n: int, seed: int) -> Problems:
     return FAMILIES[problem].make(n, torch.Generator().manual_seed(seed))
 
 
+class BestOnValidation:
+    """The rule's weights at the evaluation with the lowest validation loss so far.
+
+    Meta-training a learned optimizer does not improve steadily: the rule's loss on fresh
+    problems swings by tens of percent between evaluations late in training (one quadratic run:
+    0.130 at epoch 790, 0.147 at epoch 1,000), so the last epoch's rule is a draw from that
+    swing. Keeping the rule of the best evaluation on the *validation* problems is model
+    selection on data that the reported *held-out* numbers never see.
+
+    Attributes:
+        loss: the lowest validation loss offered (``inf`` before any).
+        epoch: the meta-epoch it was measured after (None before any).
+        state: the rule's ``state_dict`` then (cloned), or None.
+    """
+
+    def __init__(self, loss: float = math.inf, epoch: int | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+        self.loss, self.epoch, self.state = loss, epoch, state
+
+    def offer(self, rule: LSTMOptimizer, loss: float, epoch: int) -> bool:
+        """Keeps ``rule``'s weights if ``loss`` is finite and lower than every earlier one (a tie
+        keeps the earlier rule); returns whether it did."""
+        if not math.isfinite(loss) or loss >= self.loss:
+            return False
+        self.loss, self.epoch = float(loss), int(epoch)
+        self.state = {k: v.detach().clone() for k, v in rule.state_dict().items()}
+        return True
+
+    def selected(self, rule: LSTMOptimizer) -> LSTMOptimizer:
+        """A copy of ``rule`` with the kept weights (``rule`` itself when none were kept)."""
+        if self.state is None:
+            return rule
+        chosen = copy.deepcopy(rule)
+        chosen.load_state_dict(self.state)
+        return chosen
+
+    def to_payload(self) -> dict[str, Any]:
+        """For a checkpoint (plain values and tensors: loads with ``weights_only=True``)."""
+        return {"loss": self.loss, "epoch": self.epoch, "state": self.state}
+
+    @classmethod
+    def from_payload(cls, payload: Any) -> BestOnValidation:
+        """The tracker a checkpoint saved; an empty one for checkpoints from before it existed.
+
+        Raises:
+            CheckpointError: the payload is not one :meth:`to_payload` wrote.
+        """
+        if payload is None:
+            return cls()
+        if not (isinstance(payload, Mapping) and isinstance(payload.get("loss"), float)
+                and (payload.get("state") is None or isinstance(payload["state"], Mapping))):
+            raise CheckpointError("the checkpoint's best-on-validation record is damaged")
+        return cls(payload["loss"], payload.get("epoch"), payload.get("state"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss curves and the comparison with tuned baselines
 
@@ -218,6 +278,14 @@ def rule_losses(rule: LSTMOptimizer, problems: Problems, steps: int) -> torch.Te
     with torch.no_grad():
         rows.append(problems.loss(theta))
     return torch.stack(rows)
+
+
+def validation_loss(rule: LSTMOptimizer, problem: str, *, problems: int, steps: int) -> float:
+    """The rule's mean loss after ``steps`` steps on the first ``problems`` validation problems
+    of the family ``problem``: what training watches (and :class:`BestOnValidation` selects
+    on), never the held-out set."""
+    return float(rule_losses(rule, _problems(problem, problems, VALIDATION_SEED),
+                             steps)[-1].mean())
 
 
 def baseline_losses(name: str, lr: float, problems: Problems, steps: int) -> torch.Tensor:
@@ -264,18 +332,23 @@ def tune_baseline(name: str, problem: str, *, problems: int, steps: int,
 
 def compare_with_baselines(rule: LSTMOptimizer, problem: str, *, problems: int,
                            tune_steps: int, steps: int, lr_grid: Sequence[float] | None = None,
-                           progress: Callable[[str], None] | None = None
+                           progress: Callable[[str], None] | None = None,
+                           other_rules: Mapping[str, LSTMOptimizer] | None = None,
                            ) -> dict[str, dict[str, Any]]:
     """Tunes every baseline over ``lr_grid`` (default :data:`LR_GRID`) on the tuning set for
     ``tune_steps`` steps, then runs each at its
     tuned lr, and the rule, for ``steps`` steps on the held-out set (freshly built for each
     method: the same initialisations and minibatch sequence).
 
+    Args:
+        other_rules: more learned rules to run on the held-out set, by name (e.g.
+            :data:`LAST_EPOCH`).
+
     Returns:
         ``{name: {"lr", "tuning_final" (baselines only), "curve", "losses", "seconds"}}`` in the
-        order of :data:`BASELINES`, then :data:`LEARNED`: ``curve`` is the mean loss at steps
-        0..steps, ``losses`` the ``[steps + 1, B]`` tensor behind it, ``seconds`` the wall time
-        of tuning and evaluating that method.
+        order of :data:`BASELINES`, then :data:`LEARNED`, then ``other_rules``: ``curve`` is
+        the mean loss at steps 0..steps, ``losses`` the ``[steps + 1, B]`` tensor behind it,
+        ``seconds`` the wall time of tuning and evaluating that method.
     """
     lr_grid = LR_GRID if lr_grid is None else lr_grid
     results: dict[str, dict[str, Any]] = {}
@@ -288,24 +361,26 @@ def compare_with_baselines(rule: LSTMOptimizer, problem: str, *, problems: int,
         losses = baseline_losses(name, best, _problems(problem, problems, HELD_OUT_SEED), steps)
         results[name] = {"lr": best, "tuning_final": finals, "curve": _mean_curve(losses),
                          "losses": losses, "seconds": time.perf_counter() - start}
-    if progress is not None:
-        progress("evaluating the learned rule")
-    start = time.perf_counter()
-    losses = rule_losses(rule, _problems(problem, problems, HELD_OUT_SEED), steps)
-    results[LEARNED] = {"lr": None, "curve": _mean_curve(losses), "losses": losses,
-                        "seconds": time.perf_counter() - start}
+    for name, learned in {LEARNED: rule, **(other_rules or {})}.items():
+        if progress is not None:
+            progress(f"evaluating {name}")
+        start = time.perf_counter()
+        losses = rule_losses(learned, _problems(problem, problems, HELD_OUT_SEED), steps)
+        results[name] = {"lr": None, "curve": _mean_curve(losses), "losses": losses,
+                         "seconds": time.perf_counter() - start}
     return results
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]], steps: Sequence[int]) -> str:
     """The results as a text table: each method's tuned lr and mean loss at each of ``steps``."""
-    head = f"{'optimizer':<15}  {'tuned lr':<9}  " + "  ".join(f"{f'loss @{s}':<10}"
-                                                              for s in steps)
-    lines = [head.rstrip(), "  ".join(["-" * 15, "-" * 9] + ["-" * 10] * len(steps))]
+    width = max(15, *(len(name) for name in results))
+    head = f"{'optimizer':<{width}}  {'tuned lr':<9}  " + "  ".join(f"{f'loss @{s}':<10}"
+                                                                  for s in steps)
+    lines = [head.rstrip(), "  ".join(["-" * width, "-" * 9] + ["-" * 10] * len(steps))]
     for name, r in results.items():
         lr = "-" if r["lr"] is None else f"{r['lr']:g}"
-        lines.append(f"{name:<15}  {lr:<9}  " + "  ".join(f"{r['curve'][s]:10.4f}"
-                                                          for s in steps))
+        lines.append(f"{name:<{width}}  {lr:<9}  " + "  ".join(f"{r['curve'][s]:10.4f}"
+                                                              for s in steps))
     return "\n".join(lines)
 
 
@@ -496,6 +571,7 @@ def train(config: Mapping[str, Any], *, resume: bool = False, quiet: bool = Fals
     outer = Adam(rule.parameters(), lr=config["outer_lr"])
     generator = torch.Generator().manual_seed(config["seed"])
     start, elapsed_before = 0, 0.0
+    best = BestOnValidation()
     if resume:
         payload = on_main(_load_resume_state, checkpoint, config)
         _load_weights(rule, payload, checkpoint)
@@ -503,6 +579,7 @@ def train(config: Mapping[str, Any], *, resume: bool = False, quiet: bool = Fals
         extra = payload["extra"]
         generator.set_state(extra["generator"])
         elapsed_before = float(extra.get("train_seconds", 0.0))
+        best = _best_from(payload, rule, checkpoint)
     if ctx is not None:
         broadcast_parameters(rule.parameters())
     fields = ["epoch", "meta_loss", "eval_loss", "seconds"]
@@ -520,39 +597,64 @@ def train(config: Mapping[str, Any], *, resume: bool = False, quiet: bool = Fals
             row: dict[str, Any] = {"epoch": done, "meta_loss": loss, "eval_loss": ""}
             shown = {}
             if main and (done % config["eval_every"] == 0 or done == config["epochs"]):
-                val = rule_losses(rule, _problems(config["problem"], config["eval_tasks"],
-                                                  VALIDATION_SEED), config["horizon"])
-                row["eval_loss"] = shown["held_out"] = float(val[-1].mean())
+                row["eval_loss"] = shown["val"] = validation_loss(
+                    rule, config["problem"], problems=config["eval_tasks"],
+                    steps=config["horizon"])
+                best.offer(rule, row["eval_loss"], done)
             seconds = elapsed_before + time.perf_counter() - started
             row["seconds"] = round(seconds, 2)
             if main:  # the others go on, and wait for rank 0 in the next all-reduce
                 metrics.write(row)
                 save_checkpoint(checkpoint, checkpoint_payload(
                     iteration=done, model=rule, optimizer=outer, config=config,
-                    generator=generator.get_state(), train_seconds=seconds))
+                    generator=generator.get_state(), train_seconds=seconds,
+                    best=best.to_payload()))
             bar.update(loss=loss, **shown)
     train_seconds = elapsed_before + time.perf_counter() - started
     if not main:
         return {"config": config, "train_seconds": train_seconds, "results": {}}
-    rule.save(out / "rule.pt")
-    return _finish(rule, config, out, train_seconds=train_seconds,
+    rule.save(out / "rule-last.pt")
+    best.selected(rule).save(out / "rule.pt")
+    return _finish(rule, best, config, out, train_seconds=train_seconds,
                    resumed_from=start if resume else None, quiet=quiet)
 
 
-def _finish(rule: LSTMOptimizer, config: dict[str, Any], out: Path, *, train_seconds: float,
-            resumed_from: int | None, quiet: bool) -> dict[str, Any]:
-    """The comparison with the tuned baselines: summary.json and curves.png."""
+def _best_from(payload: Mapping[str, Any], rule: LSTMOptimizer,
+               path: Path) -> BestOnValidation:
+    """The checkpoint's best-on-validation record, its weights checked against ``rule``."""
+    try:
+        best = BestOnValidation.from_payload(payload["extra"].get("best"))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    try:
+        best.selected(rule)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: the best-on-validation rule does not fit the "
+                              f"architecture its config names (hidden={rule.hidden_size}): "
+                              f"{str(exc).splitlines()[0]}") from exc
+    return best
+
+
+def _finish(rule: LSTMOptimizer, best: BestOnValidation, config: dict[str, Any], out: Path, *,
+            train_seconds: float, resumed_from: int | None, quiet: bool) -> dict[str, Any]:
+    """The comparison with the tuned baselines: summary.json and curves.png. ``rule`` is the
+    last epoch's rule; the comparison's :data:`LEARNED` is ``best``'s, with the last epoch's
+    beside it under :data:`LAST_EPOCH`."""
     def say(message: str) -> None:
         if not quiet:
             print(message, file=sys.stderr, flush=True)
 
     horizon = config["horizon"]
     steps = [horizon, 2 * horizon]
-    results = compare_with_baselines(rule, config["problem"], problems=config["eval_tasks"],
-                                     tune_steps=horizon, steps=steps[-1], progress=say)
+    results = compare_with_baselines(best.selected(rule), config["problem"],
+                                     problems=config["eval_tasks"], tune_steps=horizon,
+                                     steps=steps[-1], progress=say,
+                                     other_rules={LAST_EPOCH: rule})
     summary: dict[str, Any] = {
         "config": config, "train_seconds": train_seconds, "resumed_from": resumed_from,
         "steps": steps, "held_out_problems": config["eval_tasks"],
+        "selected_epoch": best.epoch,
+        "selected_validation_loss": None if best.epoch is None else best.loss,
         "comparison_seconds": sum(r["seconds"] for r in results.values()), "results": {},
     }
     for name, r in results.items():
@@ -581,7 +683,9 @@ def is_run_config(config: Any) -> bool:
 
 
 def load_trained(checkpoint: str | Path) -> tuple[LSTMOptimizer, dict[str, Any]]:
-    """The rule and config saved in a run's checkpoint (loaded with ``weights_only=True``).
+    """The rule and config saved in a run's checkpoint (loaded with ``weights_only=True``): the
+    rule of the evaluation with the lowest validation loss so far, as ``rule.pt`` holds at the
+    end (the last epoch's for checkpoints from before that record existed).
 
     Raises:
         CheckpointError: a corrupt checkpoint, one of another kind of run, or weights that do
@@ -597,7 +701,7 @@ def load_trained(checkpoint: str | Path) -> tuple[LSTMOptimizer, dict[str, Any]]
         raise CheckpointError(f"{path}: its config is not valid: {exc}") from exc
     rule = build(config)
     _load_weights(rule, payload, path)
-    return rule, config
+    return _best_from(payload, rule, path).selected(rule), config
 
 
 def evaluate(rule: LSTMOptimizer, config: Mapping[str, Any], *, problems: int,
