@@ -15,9 +15,9 @@
 // transposed to [feature][B] so that every 4H x K mat-vec product becomes B-wide vector FMAs with
 // the weights broadcast (coordinate index innermost). The weights are repacked per chunk so that
 // the four gates of hidden unit j are adjacent ([j][k][gate]): one pass over the inputs k
-// computes the four gate pre-activations of unit j in 4 x kNV registers, and the cell update of
-// unit j follows from registers. A block's working set (a few KiB) and the packed weights stay
-// in L1/L2.
+// computes the four gate pre-activations of unit j in 4 x kNV registers; the activations and
+// cell updates then run in a second pass over the units (see cell_forward). A block's working
+// set (a few KiB) and the packed weights stay in L1/L2.
 //
 // The backward recomputes a block's forward (the gates are never stored between the passes),
 // then runs the VJP of the head, cell 2, cell 1 and the preprocessing. Weight gradients are
@@ -233,8 +233,16 @@ static inline void copy_row(const C* src, int64_t i, int64_t H, C* dst) {
   for (int64_t k = 0; k < H; ++k) dst[k] = src ? src[i * H + k] : C(0);
 }
 
-// One LSTM cell on a block: in [K][kNV], c_old [H][kNV] -> c_new, h_new [H][kNV]; with
-// kSave also the activated gates [H][4][kNV] and tanh c_new [H][kNV] (for the backward).
+// One LSTM cell on a block: in [K][kNV], c_old [H][kNV] -> c_new, h_new [H][kNV]. gates
+// [H][4][kNV] receives the gate pre-activations and, with kSave, ends up holding the activated
+// gates (with tanh c_new in tanh_c [H][kNV]) for the backward.
+//
+// Two passes. The mat-vecs first, unit by unit, each unit's four gates accumulated in
+// registers. Then the activations: each σ/tanh is a chain of ~15 dependent operations (the exp
+// polynomial, then a division), so computing them right after each unit's mat-vec left the core
+// waiting on one unit's chains at a time (perf: ~65% of the cell's samples, mostly on the
+// instructions after the divisions); in a pass of their own, the units' chains are independent
+// and overlap. The arithmetic of every element is unchanged.
 template <typename C, bool kSave>
 static inline void cell_forward(const C* __restrict P, const C* __restrict pb, int64_t H,
                                 int64_t K, const typename Simd<C>::V* __restrict in,
@@ -257,18 +265,23 @@ static inline void cell_forward(const C* __restrict P, const C* __restrict pb, i
         for (int v = 0; v < kNV; ++v) a[q][v] += wq * x[v];
       }
     }
+    for (int q = 0; q < 4; ++q)
+      for (int v = 0; v < kNV; ++v) gates[(j * 4 + q) * kNV + v] = a[q][v];
+  }
+  for (int64_t j = 0; j < H; ++j) {
     for (int v = 0; v < kNV; ++v) {
-      const V i = vsigmoid(a[0][v]), f = vsigmoid(a[1][v]), g = vtanh(a[2][v]),
-              o = vsigmoid(a[3][v]);
+      V* z = gates + j * 4 * kNV + v;
+      const V i = vsigmoid(z[0]), f = vsigmoid(z[kNV]), g = vtanh(z[2 * kNV]),
+              o = vsigmoid(z[3 * kNV]);
       const V c = f * c_old[j * kNV + v] + i * g;
       const V t = vtanh(c);
       c_new[j * kNV + v] = c;
       h_new[j * kNV + v] = o * t;
       if constexpr (kSave) {
-        gates[(j * 4 + 0) * kNV + v] = i;
-        gates[(j * 4 + 1) * kNV + v] = f;
-        gates[(j * 4 + 2) * kNV + v] = g;
-        gates[(j * 4 + 3) * kNV + v] = o;
+        z[0] = i;
+        z[kNV] = f;
+        z[2 * kNV] = g;
+        z[3 * kNV] = o;
         tanh_c[j * kNV + v] = t;
       }
     }
@@ -353,10 +366,11 @@ template <typename C>
 struct Work {
   using V = typename Simd<C>::V;
   C *P1, *pb1, *P2, *pb2;
-  // Block buffers, [feature][kNV] vectors. in1 = (x0, x1, h1); in2 = (h1', h2).
-  V *in1, *c1o, *c1n, *in2, *c2o, *c2n, *h2n;
+  // Block buffers, [feature][kNV] vectors. in1 = (x0, x1, h1); in2 = (h1', h2). g1, g2: the
+  // cells' gates [H][4][kNV] (pre-activations in the forward, activated for the backward).
+  V *in1, *c1o, *c1n, *in2, *c2o, *c2n, *h2n, *g1, *g2;
   // Backward only.
-  V *g1, *t1, *g2, *t2, *dh1u, *dc1u, *dh2u, *dc2u, *dz1, *dz2, *dc1o, *dc2o, *din1, *din2,
+  V *t1, *t2, *dh1u, *dc1u, *dh2u, *dc2u, *dz1, *dz2, *dc1o, *dc2o, *din1, *din2,
       *dh2;
   V *acc1, *accb1, *acc2, *accb2, *acch;
   void* block;
@@ -380,10 +394,10 @@ struct Work {
     v(x.c2o, H * kNV);
     v(x.c2n, H * kNV);
     v(x.h2n, H * kNV);
+    v(x.g1, 4 * H * kNV);  // the forward's gate pre-activations (cell_forward)
+    v(x.g2, 4 * H * kNV);
     if (backward) {
-      v(x.g1, 4 * H * kNV);
       v(x.t1, H * kNV);
-      v(x.g2, 4 * H * kNV);
       v(x.t2, H * kNV);
       v(x.dh1u, H * kNV);
       v(x.dc1u, H * kNV);
