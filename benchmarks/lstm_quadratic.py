@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -40,9 +41,9 @@ from fastmeta.meta.lstm_runs import (
     UNROLL,
     BestOnValidation,
     compare_with_baselines,
+    evaluate_and_select,
     format_table,
     plot_curves,
-    validation_loss,
 )
 from fastmeta.meta.lstm_training import meta_train
 
@@ -73,15 +74,15 @@ def main() -> None:
 
     def progress(epoch: int, loss: float) -> None:
         done = epoch + 1
-        if done % EVAL_EVERY == 0 or done == epochs:
-            val = validation_loss(rule, args.problem, problems=family.eval, steps=HORIZON)
-            validation.append((done, val))
-            best.offer(rule, val, done)
+        val = evaluate_and_select(rule, best, args.problem, done=done, epochs=epochs,
+                                  every=EVAL_EVERY, problems=family.eval, steps=HORIZON)
+        if val is not None:
+            validation.append((done, val if math.isfinite(val) else None))
         now = time.perf_counter()
         if now - last[0] > 10 or done == epochs:
+            chosen = "none yet" if best.epoch is None else f"{best.loss:.4f} (epoch {best.epoch})"
             print(f"meta-epoch {done}/{epochs}: mean optimizee loss {loss:.4f}, best "
-                  f"validation loss {best.loss:.4f} (epoch {best.epoch}) ({now - start:.0f} s)",
-                  flush=True)
+                  f"validation loss {chosen} ({now - start:.0f} s)", flush=True)
             last[0] = now
 
     history = meta_train(rule, lambda g: family.make(family.train, g),

@@ -81,7 +81,7 @@ def _copy(run, tmp_path):
 def test_run_writes_checkpoint_metrics_rule_summary_and_plot(run):
     rows = _rows(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    # held-out loss every --eval-every epochs and at the end; a meta-loss every epoch
+    # validation loss every --eval-every epochs and at the end; a meta-loss every epoch
     assert [r["eval_loss"] != "" for r in rows] == [False, True, True]
     assert all(math.isfinite(float(r["meta_loss"])) for r in rows)
     assert float(rows[0]["seconds"]) <= float(rows[1]["seconds"]) <= float(rows[2]["seconds"])
@@ -89,12 +89,15 @@ def test_run_writes_checkpoint_metrics_rule_summary_and_plot(run):
     payload = load_checkpoint(run / "checkpoint.pt")
     assert payload["iteration"] == 3 and payload["config"]["problem"] == "quadratic"
     _assert_same_weights(LSTMOptimizer.load(run / "rule-last.pt"), payload["model"])
-    # rule.pt: the rule of the evaluation with the lowest validation loss
-    evaluated = {int(r["epoch"]): float(r["eval_loss"]) for r in rows if r["eval_loss"]}
+    # rule.pt: the rule of the evaluation with the lowest validation loss, among those every
+    # --eval-every (2) epochs: here epoch 2's, not the last (3), so it differs from rule-last.pt
+    evaluated = {int(r["epoch"]): float(r["eval_loss"]) for r in rows
+                 if r["eval_loss"] and int(r["epoch"]) % 2 == 0}
     selected = min(evaluated, key=evaluated.__getitem__)
     best = payload["extra"]["best"]
-    assert best["epoch"] == selected and best["loss"] == evaluated[selected]
+    assert selected == 2 and best["epoch"] == 2 and best["loss"] == evaluated[2]
     _assert_same_weights(LSTMOptimizer.load(run / "rule.pt"), best["state"])
+    assert any(not torch.equal(best["state"][k], v) for k, v in payload["model"].items())
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == [4, 8] and summary["resumed_from"] is None
@@ -102,6 +105,8 @@ def test_run_writes_checkpoint_metrics_rule_summary_and_plot(run):
     assert summary["selected_validation_loss"] == evaluated[selected]
     assert list(summary["results"]) == [*lstm_runs.BASELINES, lstm_runs.LEARNED,
                                         lstm_runs.LAST_EPOCH]
+    assert (summary["results"][lstm_runs.LEARNED]["curve"]
+            != summary["results"][lstm_runs.LAST_EPOCH]["curve"])
     for r in summary["results"].values():
         assert len(r["curve"]) == 9  # steps 0..8
         assert r["loss"]["4"]["mean"] == pytest.approx(r["curve"][4])
@@ -264,6 +269,7 @@ def test_eval_refuses_shots_for_a_rule(run, capsys):
     (["--problem", "digits"], "trained with problem='quadratic', this run asks for "
                               "problem='digits'"),
     (["--unroll", "4"], "trained with unroll=2, this run asks for unroll=4"),
+    (["--eval-tasks", "3"], "trained with eval_tasks=4, this run asks for eval_tasks=3"),
     (["--outer-lr-decay-factor", "0.5"], "trained with outer_lr_decay_factor=1.0, this run "
                                          "asks for outer_lr_decay_factor=0.5"),
 ])

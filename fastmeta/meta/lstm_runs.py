@@ -73,10 +73,11 @@ from fastmeta.meta.training import (
 )
 from fastmeta.optim import Adam
 
-__all__ = ["ALGORITHM", "BASELINES", "FAMILIES", "LEARNED", "LR_GRID", "ProblemFamily",
-           "baseline_losses", "compare_with_baselines", "default_config", "format_table",
+__all__ = ["ALGORITHM", "BASELINES", "BestOnValidation", "EVAL_EVERY", "FAMILIES",
+           "LAST_EPOCH", "LEARNED", "LR_GRID", "ProblemFamily", "baseline_losses",
+           "compare_with_baselines", "default_config", "evaluate_and_select", "format_table",
            "load_trained", "plot_curves", "problem_share", "rule_losses", "train",
-           "tune_baseline"]
+           "tune_baseline", "validation_loss"]
 
 Problems = Union[QuadraticProblems, DigitsMLPProblems]
 
@@ -126,7 +127,7 @@ class ProblemFamily(NamedTuple):
 #: epochs at 0.3x the lr took one trained rule's held-out loss at 100 steps from 0.125 to
 #: 0.087, but a fresh 1,500-epoch run with that decay from epoch 1,000 ended at 0.133: the
 #: run-to-run spread is larger than the gain.) Digits MLPs: 4 per meta-epoch (each has 1,510
-#: coordinates) and 1,000 epochs (~21 minutes on 2 CPU cores): after 150 epochs the rule still
+#: coordinates) and 1,000 epochs (~21 minutes on 2 idle CPU cores): after 150 epochs the rule still
 #: fell behind tuned Adam after ~40 steps; after 1,000 it is ahead over all 100
 #: (benchmarks/results/lstm-digits.json).
 FAMILIES: dict[str, ProblemFamily] = {
@@ -138,8 +139,11 @@ FAMILIES: dict[str, ProblemFamily] = {
 # everything that fixes the sequence of problems and updates it continues.
 #: The default: a constant outer lr (also what checkpoints from before the option trained with).
 NO_LR_DECAY = {"outer_lr_decay_epoch": None, "outer_lr_decay_factor": 1.0}
+# eval_tasks too: the validation losses that select the rule (BestOnValidation) must all come
+# from the same validation problems.
 RESUME_KEYS = ("algorithm", "problem", "hidden", "horizon", "unroll", "second_order",
-               "meta_batch", "outer_lr", "outer_lr_decay_epoch", "outer_lr_decay_factor", "seed")
+               "meta_batch", "outer_lr", "outer_lr_decay_epoch", "outer_lr_decay_factor", "seed",
+               "eval_tasks")
 _POSITIVE_INTS = ("epochs", "horizon", "unroll", "hidden", "meta_batch", "eval_tasks",
                   "eval_every")
 
@@ -207,7 +211,7 @@ class BestOnValidation:
 
     Meta-training a learned optimizer does not improve steadily: the rule's loss on fresh
     problems swings by tens of percent between evaluations late in training (one quadratic run:
-    0.130 at epoch 790, 0.147 at epoch 1,000), so the last epoch's rule is a draw from that
+    0.141 at epoch 970, 0.209 at epoch 980), so the last epoch's rule is a draw from that
     swing. Keeping the rule of the best evaluation on the *validation* problems is model
     selection on data that the reported *held-out* numbers never see.
 
@@ -281,11 +285,28 @@ def rule_losses(rule: LSTMOptimizer, problems: Problems, steps: int) -> torch.Te
 
 
 def validation_loss(rule: LSTMOptimizer, problem: str, *, problems: int, steps: int) -> float:
-    """The rule's mean loss after ``steps`` steps on the first ``problems`` validation problems
-    of the family ``problem``: what training watches (and :class:`BestOnValidation` selects
-    on), never the held-out set."""
+    """The rule's mean loss after ``steps`` steps on ``problems`` problems of the family
+    ``problem`` drawn from the validation seed: what training watches (and
+    :class:`BestOnValidation` selects on), never the held-out set."""
     return float(rule_losses(rule, _problems(problem, problems, VALIDATION_SEED),
                              steps)[-1].mean())
+
+
+def evaluate_and_select(rule: LSTMOptimizer, best: BestOnValidation, problem: str, *,
+                        done: int, epochs: int, every: int, problems: int,
+                        steps: int) -> float | None:
+    """The evaluation schedule of a meta-training run, after its epoch ``done`` (from 1): the
+    rule's :func:`validation_loss` every ``every`` epochs and after the last (else None).
+    Only the every-``every`` evaluations are offered to ``best``: a run stopped at a last epoch
+    off that grid and then extended selects what one straight run would (the last epoch's rule
+    is reported anyway, as :data:`LAST_EPOCH`)."""
+    on_grid = done % every == 0
+    if not on_grid and done != epochs:
+        return None
+    loss = validation_loss(rule, problem, problems=problems, steps=steps)
+    if on_grid:
+        best.offer(rule, loss, done)
+    return loss
 
 
 def baseline_losses(name: str, lr: float, problems: Problems, steps: int) -> torch.Tensor:
@@ -373,7 +394,7 @@ def compare_with_baselines(rule: LSTMOptimizer, problem: str, *, problems: int,
 
 def format_table(results: Mapping[str, Mapping[str, Any]], steps: Sequence[int]) -> str:
     """The results as a text table: each method's tuned lr and mean loss at each of ``steps``."""
-    width = max(15, *(len(name) for name in results))
+    width = max([15, *(len(name) for name in results)])
     head = f"{'optimizer':<{width}}  {'tuned lr':<9}  " + "  ".join(f"{f'loss @{s}':<10}"
                                                                   for s in steps)
     lines = [head.rstrip(), "  ".join(["-" * width, "-" * 9] + ["-" * 10] * len(steps))]
@@ -596,11 +617,12 @@ def train(config: Mapping[str, Any], *, resume: bool = False, quiet: bool = Fals
             done = epoch + 1
             row: dict[str, Any] = {"epoch": done, "meta_loss": loss, "eval_loss": ""}
             shown = {}
-            if main and (done % config["eval_every"] == 0 or done == config["epochs"]):
-                row["eval_loss"] = shown["val"] = validation_loss(
-                    rule, config["problem"], problems=config["eval_tasks"],
-                    steps=config["horizon"])
-                best.offer(rule, row["eval_loss"], done)
+            val = None if not main else evaluate_and_select(
+                rule, best, config["problem"], done=done, epochs=config["epochs"],
+                every=config["eval_every"], problems=config["eval_tasks"],
+                steps=config["horizon"])
+            if val is not None:
+                row["eval_loss"] = shown["val"] = val
             seconds = elapsed_before + time.perf_counter() - started
             row["seconds"] = round(seconds, 2)
             if main:  # the others go on, and wait for rank 0 in the next all-reduce
@@ -667,7 +689,8 @@ def _finish(rule: LSTMOptimizer, best: BestOnValidation, config: dict[str, Any],
         plot_curves(results, out / "curves.png", horizon=horizon,
                     ylabel=f"mean loss, {config['eval_tasks']} held-out {config['problem']} "
                     "problems",
-                    title=f"learned rule ({config['epochs']} meta-epochs) vs tuned baselines")
+                    title=f"learned rule (epoch {best.epoch or config['epochs']} of "
+                    f"{config['epochs']}) vs tuned baselines")
     except ImportError:
         say("matplotlib is not installed: not writing curves.png (pip install matplotlib)")
     return summary
