@@ -37,7 +37,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
@@ -135,12 +135,11 @@ FAMILIES: dict[str, ProblemFamily] = {
     "digits": ProblemFamily(lambda n, g: DigitsMLPProblems(n, generator=g), 4, 20, 1000),
 }
 
-# The config keys a resumed run must share with its checkpoint: the rule's architecture and
-# everything that fixes the sequence of problems and updates it continues.
 #: The default: a constant outer lr (also what checkpoints from before the option trained with).
 NO_LR_DECAY = {"outer_lr_decay_epoch": None, "outer_lr_decay_factor": 1.0}
-# eval_tasks too: the validation losses that select the rule (BestOnValidation) must all come
-# from the same validation problems.
+# The config keys a resumed run must share with its checkpoint: the rule's architecture,
+# everything that fixes the sequence of problems and updates it continues, and eval_tasks (the
+# validation losses that select the rule, BestOnValidation, must all come from one set).
 RESUME_KEYS = ("algorithm", "problem", "hidden", "horizon", "unroll", "second_order",
                "meta_batch", "outer_lr", "outer_lr_decay_epoch", "outer_lr_decay_factor", "seed",
                "eval_tasks")
@@ -465,13 +464,20 @@ def _check_same_run(saved: Any, config: Mapping[str, Any], path: Path) -> None:
                                   f"{key}={config[key]!r}")
 
 
-def _load_weights(rule: LSTMOptimizer, payload: Mapping[str, Any], path: Path) -> None:
+@contextlib.contextmanager
+def _must_fit(path: Path, what: str, hidden: int) -> Iterator[None]:
+    """Turns a failed ``load_state_dict`` of saved weights inside into a CheckpointError that
+    names ``what`` did not fit the architecture."""
     try:
-        rule.load_state_dict(payload["model"])
+        yield
     except (RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: the saved rule does not fit the architecture its config "
-                              f"names (hidden={rule.hidden_size}): "
-                              f"{str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(f"{path}: {what} does not fit the architecture its config names "
+                              f"(hidden={hidden}): {str(exc).splitlines()[0]}") from exc
+
+
+def _load_weights(rule: LSTMOptimizer, payload: Mapping[str, Any], path: Path) -> None:
+    with _must_fit(path, "the saved rule", rule.hidden_size):
+        rule.load_state_dict(payload["model"])
 
 
 def _non_finite(epoch: int, truncation: int) -> FloatingPointError:
@@ -600,7 +606,7 @@ def train(config: Mapping[str, Any], *, resume: bool = False, quiet: bool = Fals
         extra = payload["extra"]
         generator.set_state(extra["generator"])
         elapsed_before = float(extra.get("train_seconds", 0.0))
-        best = _best_from(payload, rule, checkpoint)
+        best, _ = _best_from(payload, rule, checkpoint)
     if ctx is not None:
         broadcast_parameters(rule.parameters())
     fields = ["epoch", "meta_loss", "eval_loss", "seconds"]
@@ -636,39 +642,37 @@ def train(config: Mapping[str, Any], *, resume: bool = False, quiet: bool = Fals
     if not main:
         return {"config": config, "train_seconds": train_seconds, "results": {}}
     rule.save(out / "rule-last.pt")
-    best.selected(rule).save(out / "rule.pt")
-    return _finish(rule, best, config, out, train_seconds=train_seconds,
+    selected = best.selected(rule)
+    selected.save(out / "rule.pt")
+    return _finish(rule, selected, best, config, out, train_seconds=train_seconds,
                    resumed_from=start if resume else None, quiet=quiet)
 
 
 def _best_from(payload: Mapping[str, Any], rule: LSTMOptimizer,
-               path: Path) -> BestOnValidation:
-    """The checkpoint's best-on-validation record, its weights checked against ``rule``."""
+               path: Path) -> tuple[BestOnValidation, LSTMOptimizer]:
+    """The checkpoint's best-on-validation record and the rule it selects (``rule`` itself for
+    an empty record), its weights checked against ``rule``'s architecture."""
     try:
         best = BestOnValidation.from_payload(payload["extra"].get("best"))
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    try:
-        best.selected(rule)
-    except (RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: the best-on-validation rule does not fit the "
-                              f"architecture its config names (hidden={rule.hidden_size}): "
-                              f"{str(exc).splitlines()[0]}") from exc
-    return best
+    with _must_fit(path, "the best-on-validation rule", rule.hidden_size):
+        return best, best.selected(rule)
 
 
-def _finish(rule: LSTMOptimizer, best: BestOnValidation, config: dict[str, Any], out: Path, *,
-            train_seconds: float, resumed_from: int | None, quiet: bool) -> dict[str, Any]:
+def _finish(rule: LSTMOptimizer, selected: LSTMOptimizer, best: BestOnValidation,
+            config: dict[str, Any], out: Path, *, train_seconds: float,
+            resumed_from: int | None, quiet: bool) -> dict[str, Any]:
     """The comparison with the tuned baselines: summary.json and curves.png. ``rule`` is the
-    last epoch's rule; the comparison's :data:`LEARNED` is ``best``'s, with the last epoch's
-    beside it under :data:`LAST_EPOCH`."""
+    last epoch's rule; the comparison's :data:`LEARNED` is ``selected`` (``best``'s), with the
+    last epoch's beside it under :data:`LAST_EPOCH`."""
     def say(message: str) -> None:
         if not quiet:
             print(message, file=sys.stderr, flush=True)
 
     horizon = config["horizon"]
     steps = [horizon, 2 * horizon]
-    results = compare_with_baselines(best.selected(rule), config["problem"],
+    results = compare_with_baselines(selected, config["problem"],
                                      problems=config["eval_tasks"], tune_steps=horizon,
                                      steps=steps[-1], progress=say,
                                      other_rules={LAST_EPOCH: rule})
@@ -724,7 +728,8 @@ def load_trained(checkpoint: str | Path) -> tuple[LSTMOptimizer, dict[str, Any]]
         raise CheckpointError(f"{path}: its config is not valid: {exc}") from exc
     rule = build(config)
     _load_weights(rule, payload, path)
-    return _best_from(payload, rule, path).selected(rule), config
+    _, selected = _best_from(payload, rule, path)
+    return selected, config
 
 
 def evaluate(rule: LSTMOptimizer, config: Mapping[str, Any], *, problems: int,
