@@ -592,13 +592,41 @@ void lstm_rule_forward(int64_t grad, const Ptrs& state, const Ptrs& weights, int
   if (!ok) throw std::bad_alloc();
 }
 
+// The element count of each weight, in LstmWeight order (kernels.h).
+void lstm_weight_sizes(int64_t H, int64_t* sizes) {
+  const int64_t sizes_h[kLstmWeights] = {4 * H * 2, 4 * H * H, 4 * H, 4 * H * H,
+                                         4 * H * H, 4 * H,     H,     1};
+  for (int k = 0; k < kLstmWeights; ++k) sizes[k] = sizes_h[k];
+}
+
+// The chunks' float64 partial sums, added in chunk order, stored in the weights' dtype into
+// out[k] (the gradient of weight k; skipped where null).
+template <typename C>
+void store_weight_grads(const std::vector<double>& partial, int64_t count, int64_t hidden,
+                        const Ptrs& out) {
+  const int64_t numel = lstm_weight_numel(hidden);
+  int64_t sizes[kLstmWeights];
+  lstm_weight_sizes(hidden, sizes);
+  int64_t offset = 0;
+  for (int k = 0; k < kLstmWeights; ++k) {
+    C* dst = static_cast<C*>(ptr_at(out, k));
+    for (int64_t i = 0; dst != nullptr && i < sizes[k]; ++i) {
+      double total = 0.0;
+      for (int64_t c = 0; c < count; ++c) total += partial[c * numel + offset + i];
+      dst[i] = static_cast<C>(total);
+    }
+    offset += sizes[k];
+  }
+}
+
 void lstm_rule_backward(int64_t grad, const Ptrs& state, const Ptrs& weights,
                         int64_t grad_update, const Ptrs& grad_state_out, int64_t grad_grad,
-                        const Ptrs& grad_state, int64_t weight_grad, int64_t n, int64_t hidden,
-                        int dtype, double p, double output_scale) {
+                        const Ptrs& grad_state, const Ptrs& weight_grads, int64_t n,
+                        int64_t hidden, int dtype, double p, double output_scale) {
   const LstmRule a = make_lstm_rule(grad, state, weights, n, hidden, dtype, p, output_scale);
   check_list(grad_state_out, 4, "grad_state_out", true);
   check_list(grad_state, 4, "grad_state", true);
+  check_list(weight_grads, kLstmWeights, "weight_grads", true);
   LstmRuleGrad base{};
   base.grad_update = as_ptr(grad_update);
   for (int s = 0; s < 4; ++s) {
@@ -606,26 +634,25 @@ void lstm_rule_backward(int64_t grad, const Ptrs& state, const Ptrs& weights,
     base.grad_state[s] = ptr_at(grad_state, s);
   }
   base.grad_grad = as_ptr(grad_grad);
-  double* out = static_cast<double*>(as_ptr(weight_grad));
+  bool want_weights = false;
+  for (size_t k = 0; k < weight_grads.size(); ++k) want_weights |= weight_grads[k] != 0;
   const int64_t numel = lstm_weight_numel(hidden);
   const int64_t size = lstm_chunk(n);
   const int64_t count = (n + size - 1) / size;
-  std::vector<double> partial(out ? static_cast<size_t>(count * numel) : 0, 0.0);
+  std::vector<double> partial(want_weights ? static_cast<size_t>(count * numel) : 0, 0.0);
   const auto kernel = kernels().lstm_rule_backward;
   bool ok;
   {
     py::gil_scoped_release no_gil;
     ok = for_each_lstm_chunk(n, [&](int64_t c, int64_t begin, int64_t len) {
       LstmRuleGrad g = base;
-      g.weight_grad = out ? partial.data() + c * numel : nullptr;
+      g.weight_grad = want_weights ? partial.data() + c * numel : nullptr;
       return kernel(a, g, static_cast<DType>(dtype), begin, len);
     });
-    if (out)
-      for (int64_t i = 0; i < numel; ++i) {
-        double total = 0.0;
-        for (int64_t c = 0; c < count; ++c) total += partial[c * numel + i];
-        out[i] = total;
-      }
+    if (want_weights) {
+      if (dtype == kFloat32) store_weight_grads<float>(partial, count, hidden, weight_grads);
+      else store_weight_grads<double>(partial, count, hidden, weight_grads);
+    }
   }
   if (!ok) throw std::bad_alloc();
 }
@@ -857,11 +884,10 @@ PYBIND11_MODULE(_C, m) {
         "The fused LSTM rule's step (csrc/lstm_rule.cpp) on n coordinates.");
   m.def("lstm_rule_backward", &lstm_rule_backward, py::arg("grad"), py::arg("state"),
         py::arg("weights"), py::arg("grad_update"), py::arg("grad_state_out"),
-        py::arg("grad_grad"), py::arg("grad_state"), py::arg("weight_grad"), py::arg("n"),
+        py::arg("grad_grad"), py::arg("grad_state"), py::arg("weight_grads"), py::arg("n"),
         py::arg("hidden"), py::arg("dtype"), py::arg("p"), py::arg("output_scale"),
-        "VJP of lstm_rule_forward; weight_grad receives the float64 weight gradients, flat.");
-  m.def("lstm_rule_weight_numel", &lstm_weight_numel, py::arg("hidden"),
-        "Length of lstm_rule_backward's flat weight_grad for this hidden size.");
+        "VJP of lstm_rule_forward; weight_grads[k] receives the gradient of weight k (in the "
+        "weights' dtype; 0 or an empty list: not wanted), summed in float64 in a fixed order.");
   m.def("stream", &stream, py::arg("streams"), py::arg("num_writes"), py::arg("numels"),
         "Memory-roofline probe: streams[s] lists the addresses of stream s's float32 tensors "
         "(numels[t] elements for tensor t); reads every stream and writes the first num_writes "

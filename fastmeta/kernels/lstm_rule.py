@@ -316,15 +316,15 @@ def forward(grad: torch.Tensor, states: Sequence[torch.Tensor] | None,
 def backward(grad: torch.Tensor, states: Sequence[torch.Tensor] | None,
              weights: Sequence[torch.Tensor], grad_update: torch.Tensor | None,
              grad_states_out: Sequence[torch.Tensor | None], d_grad: torch.Tensor | None,
-             d_states: Sequence[torch.Tensor | None] | None, d_weights: torch.Tensor | None,
-             *, p: float, output_scale: float) -> None:
-    """Launches the backward; ``d_weights`` (float64, flat in ``LSTMRuleWeights`` order)
-    receives the weight gradients. Only complete sets of state gradients are written."""
+             d_states: Sequence[torch.Tensor | None] | None,
+             d_weights: Sequence[torch.Tensor | None], *, p: float, output_scale: float) -> None:
+    """Launches the backward; ``d_weights[k]`` (None: not wanted) receives the gradient of
+    weight k, summed in float64. Only complete sets of state gradients are written."""
     n, hidden = grad.shape[0], weights[1].shape[1]
     blocks = triton.cdiv(n, BLOCK_SIZE)
     programs = min(blocks, MAX_BACKWARD_PROGRAMS)
     numel = sum(w.numel() for w in weights)
-    want_dw = d_weights is not None
+    want_dw = any(d is not None for d in d_weights)
     partial = torch.zeros(programs if want_dw else 1, numel, dtype=torch.float64,
                           device=grad.device)
     want_ds = d_states is not None and any(d is not None for d in d_states)
@@ -345,4 +345,7 @@ def backward(grad: torch.Tensor, states: Sequence[torch.Tensor] | None,
     )
     if want_dw:
         # Program rows in order: the same sums for the same n, whatever the scheduling.
-        d_weights.copy_(partial.sum(0))
+        totals = partial.sum(0).split([w.numel() for w in weights])
+        for d, total in zip(d_weights, totals):
+            if d is not None:
+                d.copy_(total.view(d.shape))

@@ -251,9 +251,9 @@ def _kernel_backward(cfg: _Config, grad, states, weights, grad_outputs, needs):
     d_grad = torch.empty_like(grad) if needs[0] else None
     d_states = [torch.empty_like(s) if have_state and need else None
                 for s, need in zip(states, needs[1:5])]
-    want_weights = any(needs[5:])
-    numel = sum(w.numel() for w in weights)
-    d_flat = torch.zeros(numel, dtype=torch.float64, device=grad.device) if want_weights else None
+    # Weight gradients are sums over the coordinates: zero when there are none.
+    new_weight_grad = torch.empty_like if n > 0 else torch.zeros_like
+    d_weights = [new_weight_grad(w) if need else None for w, need in zip(weights, needs[5:])]
     if n > 0:
         weights_c = [w.contiguous() for w in weights]
         states_c = [s.contiguous() for s in states] if have_state else []
@@ -262,20 +262,14 @@ def _kernel_backward(cfg: _Config, grad, states, weights, grad_outputs, needs):
             backends.native().lstm_rule_backward(
                 grad.data_ptr(), [s.data_ptr() for s in states_c],
                 [w.data_ptr() for w in weights_c], _ptr(go[0]), [_ptr(g) for g in go[1:5]],
-                _ptr(d_grad), [_ptr(d) for d in d_states] if have_state else [], _ptr(d_flat),
-                n, hidden, _DTYPE_CODES[grad.dtype], cfg.p, cfg.output_scale)
+                _ptr(d_grad), [_ptr(d) for d in d_states] if have_state else [],
+                [_ptr(d) for d in d_weights], n, hidden, _DTYPE_CODES[grad.dtype], cfg.p,
+                cfg.output_scale)
         else:
             backends.triton_kernels("lstm_rule").backward(
                 grad, states_c or None, weights_c, go[0], go[1:5], d_grad,
-                d_states if have_state else None, d_flat, p=cfg.p,
+                d_states if have_state else None, d_weights, p=cfg.p,
                 output_scale=cfg.output_scale)
-    d_weights: list = [None] * len(weights)
-    if d_flat is not None:
-        offset = 0
-        for k, w in enumerate(weights):
-            if needs[5 + k]:
-                d_weights[k] = d_flat[offset:offset + w.numel()].view(w.shape).to(w.dtype)
-            offset += w.numel()
     return [d_grad, *d_states, *d_weights]
 
 
