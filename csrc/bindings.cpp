@@ -513,8 +513,9 @@ void stream(const std::vector<Ptrs>& streams, int num_writes, const std::vector<
 
 // Coordinates per chunk: n split as evenly as possible into chunks of at least kLstmMinChunk
 // coordinates (a chunk's fixed costs, packing the weights and, in the backward, zeroing and
-// reducing the lane-wise weight-gradient accumulators, are ~15 µs at H = 20 with AVX-512, under
-// 5% of 512 coordinates' work; with chunks of 128 they were ~30% of the backward), and at most
+// lane-reducing the weight-gradient accumulators, are ~20 µs at H = 20 with AVX-512: under a
+// tenth of 512 coordinates' backward on one thread; at 128 per chunk, the reduction alone took
+// 17% of a profile of backward calls on 1,280 coordinates), and at most
 // kLstmMaxChunks chunks per call, which bounds the backward's per-chunk weight-gradient partial
 // sums (~40 KiB each at H = 20). A multiple of 64, so that every ISA's block (at most 32
 // coordinates) fits. The chunking depends on n only, never on the thread count: the weight
@@ -549,7 +550,21 @@ bool for_each_lstm_chunk(int64_t n, Body body) {
   return ok.load();
 }
 
-int64_t lstm_weight_numel(int64_t H) { return 4 * H * 2 + 3 * 4 * H * H + 2 * 4 * H + H + 1; }
+// The element count of each weight, in LstmWeight order (kernels.h), and of all of them.
+void lstm_weight_sizes(int64_t H, int64_t (&sizes)[kLstmWeights]) {
+  const int64_t gates = 4 * H;
+  const int64_t in_order[kLstmWeights] = {gates * 2, gates * H, gates, gates * H,
+                                          gates * H, gates,     H,     1};
+  for (int k = 0; k < kLstmWeights; ++k) sizes[k] = in_order[k];
+}
+
+int64_t lstm_weight_numel(int64_t H) {
+  int64_t sizes[kLstmWeights];
+  lstm_weight_sizes(H, sizes);
+  int64_t total = 0;
+  for (const int64_t s : sizes) total += s;
+  return total;
+}
 
 LstmRule make_lstm_rule(int64_t grad, const Ptrs& state, const Ptrs& weights, int64_t n,
                         int64_t hidden, int dtype, double p, double output_scale) {
@@ -590,13 +605,6 @@ void lstm_rule_forward(int64_t grad, const Ptrs& state, const Ptrs& weights, int
     });
   }
   if (!ok) throw std::bad_alloc();
-}
-
-// The element count of each weight, in LstmWeight order (kernels.h).
-void lstm_weight_sizes(int64_t H, int64_t* sizes) {
-  const int64_t sizes_h[kLstmWeights] = {4 * H * 2, 4 * H * H, 4 * H, 4 * H * H,
-                                         4 * H * H, 4 * H,     H,     1};
-  for (int k = 0; k < kLstmWeights; ++k) sizes[k] = sizes_h[k];
 }
 
 // The chunks' float64 partial sums, added in chunk order, stored in the weights' dtype into
