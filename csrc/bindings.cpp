@@ -508,18 +508,18 @@ void stream(const std::vector<Ptrs>& streams, int num_writes, const std::vector<
 
 
 // ---- The learned LSTM rule (csrc/lstm_rule.cpp) ------------------------------------------------
-// Python (fastmeta/ops/lstm_fused.py) has checked every tensor: contiguous, one dtype (float32
+// Python (fastmeta/ops/lstm_rule.py) has checked every tensor: contiguous, one dtype (float32
 // or float64), one CPU device, the shapes of LstmRule.
 
-// Coordinates per chunk: n split as evenly as possible into chunks of at least kLstmMinChunk
-// coordinates (a chunk's fixed costs, packing the weights and, in the backward, zeroing and
-// lane-reducing the weight-gradient accumulators, are ~20 µs at H = 20 with AVX-512: under a
-// tenth of 512 coordinates' backward on one thread; at 128 per chunk, the reduction alone took
-// 17% of a profile of backward calls on 1,280 coordinates), and at most
-// kLstmMaxChunks chunks per call, which bounds the backward's per-chunk weight-gradient partial
-// sums (~40 KiB each at H = 20). A multiple of 64, so that every ISA's block (at most 32
-// coordinates) fits. The chunking depends on n only, never on the thread count: the weight
-// gradients are summed in chunk order and come out the same for any OMP_NUM_THREADS.
+// Coordinates per chunk: n / kLstmMinChunk chunks (at least one, at most kLstmMaxChunks), of
+// equal size rounded up to a multiple of 64 (every ISA's block, at most 32 coordinates, fits),
+// the last taking the rest. A chunk has fixed costs, packing the weights and, in the backward,
+// zeroing and lane-reducing the weight-gradient accumulators: ~20 µs at H = 20 with AVX-512,
+// under a tenth of 512 coordinates' backward on one thread (at 128 per chunk, the reduction
+// alone took 17% of a profile of backward calls on 1,280 coordinates). kLstmMaxChunks bounds
+// the backward's per-chunk weight-gradient partial sums (~40 KiB each at H = 20). The chunking
+// depends on n only, never on the thread count: the weight gradients are summed in chunk order
+// and come out the same for any OMP_NUM_THREADS.
 constexpr int64_t kLstmMinChunk = 512;
 constexpr int64_t kLstmMaxChunks = 256;
 

@@ -129,7 +129,7 @@ enum AdamHyper { kAdamLr, kAdamBeta1, kAdamBeta2, kAdamEps, kAdamWeightDecay, kA
 enum AdagradHyper { kAdagradLr, kAdagradLrDecay, kAdagradWeightDecay, kAdagradEps, kAdagradHypers };
 enum RmspropHyper { kRmspropLr, kRmspropAlpha, kRmspropEps, kRmspropWeightDecay, kRmspropMomentum, kRmspropHypers };
 
-// ---- The learned LSTM rule (csrc/lstm_rule.cpp, fastmeta/ops/lstm_fused.py) ----------------
+// ---- The learned LSTM rule (csrc/lstm_rule.cpp, fastmeta/ops/lstm_rule.py) -----------------
 // n coordinates, hidden size H. States are [n, H] row-major; everything is one dtype (float32
 // or float64) except `skipped` (bool bytes). The weights, in LstmWeight order, are those of two
 // nn.LSTMCell (the two biases of a cell added: b = b_ih + b_hh) and of the head nn.Linear(H, 1).

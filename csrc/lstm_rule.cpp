@@ -1,6 +1,6 @@
 // The coordinatewise LSTM rule of Andrychowicz et al. (2016), fused: preprocessing, both LSTM
 // cells, the head and the scaled update in one pass over the coordinates, and its VJP.
-// fastmeta/ops/lstm_rule.py holds the reference (nn.LSTMCell), fastmeta/ops/lstm_fused.py the op.
+// fastmeta/ops/lstm_rule.py holds the reference (nn.LSTMCell) and the op.
 //
 // Per coordinate, with gradient g (read as 0 where it is not finite), state (h1, c1, h2, c2):
 //   x       = (log|g| / p, sign g)  if |g| >= e^-p,  else (-1, e^p g)

@@ -127,8 +127,8 @@ def test_native_forward_and_backward_match_the_lstmcell_reference(impl, n, hidde
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.native
 def test_native_spans_many_chunks(dtype):
-    """n = 2,600 runs five chunks (of 576, the last 296: at least 512 each, bindings.cpp's
-    lstm_chunk) on the threads: each keeps its own weight-gradient sums."""
+    """n = 2,600 runs five chunks (four of 576 and the last of 296, bindings.cpp's lstm_chunk)
+    on the threads: each keeps its own weight-gradient sums."""
     _check_parity("native", 2600, 20, dtype)
 
 
