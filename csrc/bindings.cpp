@@ -511,9 +511,10 @@ void stream(const std::vector<Ptrs>& streams, int num_writes, const std::vector<
 // Python (fastmeta/ops/lstm_rule.py) has checked every tensor: contiguous, one dtype (float32
 // or float64), one CPU device, the shapes of LstmRule.
 
-// Coordinates per chunk: n / kLstmMinChunk chunks (at least one, at most kLstmMaxChunks), of
-// equal size rounded up to a multiple of 64 (every ISA's block, at most 32 coordinates, fits),
-// the last taking the rest. A chunk has fixed costs, packing the weights and, in the backward,
+// Coordinates per chunk: n / kLstmMinChunk (at least 1, at most kLstmMaxChunks) asked-for
+// chunks' equal share, rounded up to a multiple of 64 (every ISA's block, at most 32
+// coordinates, fits); the last chunk takes the rest, so the rounding may leave fewer chunks
+// (n = 33,000: 58 of 576 and one of 168). n < 1,024 runs as one chunk, on one thread. A chunk has fixed costs, packing the weights and, in the backward,
 // zeroing and lane-reducing the weight-gradient accumulators: ~20 µs at H = 20 with AVX-512,
 // under a tenth of 512 coordinates' backward on one thread (at 128 per chunk, the reduction
 // alone took 17% of a profile of backward calls on 1,280 coordinates). kLstmMaxChunks bounds

@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from typing import NoReturn
 
 import torch
 
@@ -432,6 +433,8 @@ _process_group_broken = False
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _process_group_broken
+    _process_group_broken = False
     parser = argparse.ArgumentParser(prog="fastmeta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, ISA, threads and available implementations")
@@ -564,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     return handlers[args.command](args)
 
 
-def console_main() -> None:
+def console_main() -> NoReturn:
     """The ``fastmeta`` command: :func:`main`, then exit with its code.
 
     After a failed collective the process leaves through ``os._exit``, once the message is
@@ -575,8 +578,9 @@ def console_main() -> None:
     """
     code = main()
     if _process_group_broken:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError):  # a closed pipe must not skip the exit
+                stream.flush()
         os._exit(code)
     sys.exit(code)
 

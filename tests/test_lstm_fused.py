@@ -132,6 +132,28 @@ def test_native_spans_many_chunks(dtype):
     _check_parity("native", 2600, 20, dtype)
 
 
+@pytest.mark.parametrize("impl", FUSED)
+def test_strided_weights_and_state_get_gradients_in_their_own_layout(impl):
+    """A weight or a state passed as a transposed view: the kernels read contiguous copies, and
+    the gradients autograd receives must be laid out like the inputs, not like the copies."""
+    torch.manual_seed(0)
+    hidden, n = 4, 37
+    rule = LSTMOptimizer(hidden_size=hidden).double()
+    weights = LSTMRuleWeights.from_modules(rule.cell1, rule.cell2, rule.head)
+    w_hh1_t = weights.weight_hh1.detach().t().contiguous().requires_grad_()  # [H, 4H]
+    h1_t = torch.randn(hidden, n, dtype=torch.float64, requires_grad=True)  # [H, n]
+    rest = [torch.randn(n, hidden, dtype=torch.float64) for _ in range(3)]
+    g = torch.randn(n, dtype=torch.float64)
+    grads = {}
+    for which in (impl, "reference"):
+        strided = weights._replace(weight_hh1=w_hh1_t.t())
+        update, state, _ = lstm_rule(g, LSTMState(h1_t.t(), *rest), strided, impl=which)
+        loss = (update * torch.linspace(-1, 1, n, dtype=torch.float64)).sum() + state.c2.sum()
+        grads[which] = torch.autograd.grad(loss, (w_hh1_t, h1_t))
+    for name, a, b in zip(("weight_hh1", "h1"), grads[impl], grads["reference"]):
+        assert_close(a, b, msg=name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl", FUSED)
 def test_first_step_without_state_matches(impl, dtype):

@@ -248,12 +248,16 @@ def _kernel_backward(cfg: _Config, grad, states, weights, grad_outputs, needs):
     """The fused VJP: gradients of (grad, h1, c1, h2, c2, *weights), None where not needed."""
     n, hidden = grad.shape[0], cfg.hidden
     have_state = states[0] is not None
-    d_grad = torch.empty_like(grad) if needs[0] else None
-    d_states = [torch.empty_like(s) if have_state and need else None
+    # The kernels write row-major outputs, whatever the layout of the input they belong to (a
+    # transposed view reads through a contiguous copy): empty_like alone would keep its strides.
+    contiguous = torch.contiguous_format
+    d_grad = torch.empty_like(grad, memory_format=contiguous) if needs[0] else None
+    d_states = [torch.empty_like(s, memory_format=contiguous) if have_state and need else None
                 for s, need in zip(states, needs[1:5])]
     # Weight gradients are sums over the coordinates: zero when there are none.
     new_weight_grad = torch.empty_like if n > 0 else torch.zeros_like
-    d_weights = [new_weight_grad(w) if need else None for w, need in zip(weights, needs[5:])]
+    d_weights = [new_weight_grad(w, memory_format=contiguous) if need else None
+                 for w, need in zip(weights, needs[5:])]
     if n > 0:
         weights_c = [w.contiguous() for w in weights]
         states_c = [s.contiguous() for s in states] if have_state else []
