@@ -257,7 +257,7 @@ def _check_distributed_options(args: argparse.Namespace) -> str | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    global _process_group_broken
+    global _used_process_group
     from fastmeta import distributed
     from fastmeta.meta import lstm_runs, runs
     from fastmeta.meta.training import CheckpointError
@@ -277,6 +277,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 timeout = (distributed.DEFAULT_TIMEOUT_S if args.dist_timeout is None
                            else args.dist_timeout)
                 # The runs train on the CPU: gloo.
+                _used_process_group = True
                 ctx = stack.enter_context(distributed.session(timeout_s=timeout, device="cpu"))
                 where = f" (rank {ctx.rank} of {ctx.world_size})"
                 main = ctx.is_main
@@ -287,7 +288,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"fastmeta train{where}: {exc}", file=sys.stderr)
         return 2
     except distributed.DistributedError as exc:
-        _process_group_broken = True
         print(f"fastmeta train{where}: {exc}", file=sys.stderr)
         if config is not None:
             print(f"fastmeta train{where}: {config['out']}/checkpoint.pt (on rank 0's machine) "
@@ -428,13 +428,13 @@ def cmd_hpo(args: argparse.Namespace) -> int:
     return 0
 
 
-# Set when a collective failed (a peer died or hung): see console_main.
-_process_group_broken = False
+# Set when this process joined a torch.distributed process group: see console_main.
+_used_process_group = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _process_group_broken
-    _process_group_broken = False
+    global _used_process_group
+    _used_process_group = False
     parser = argparse.ArgumentParser(prog="fastmeta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, ISA, threads and available implementations")
@@ -570,14 +570,17 @@ def main(argv: list[str] | None = None) -> int:
 def console_main() -> NoReturn:
     """The ``fastmeta`` command: :func:`main`, then exit with its code.
 
-    After a failed collective the process leaves through ``os._exit``, once the message is
-    flushed: the backend's threads (gloo's, the rendezvous store's) still point at the dead
-    peer, and their C++ teardown at interpreter exit sometimes aborts ("terminate called
-    without an active exception", exit -6 instead of 1; seen in 1 of 4 runs of the fault test
-    here). Nothing is left to save by then: the checkpoint was written before the collective.
+    A process that joined a process group (``train --distributed``) leaves through
+    ``os._exit`` once its output is flushed, whether the run succeeded or not: with torch
+    2.13's gloo, the C++ teardown at interpreter exit sometimes aborts ("terminate called
+    without an active exception", exit -6) even after ``destroy_process_group``. Seen here
+    after a failed collective (1 of 4 runs of the rank-dies test: exit -6 instead of 1) and
+    after a successful two-node run (rank 1 exited -6, its torchrun agent reported the job
+    failed and closed the rendezvous store under the other node). Nothing is left to do by
+    then: the run's files are written and closed before ``main`` returns.
     """
     code = main()
-    if _process_group_broken:
+    if _used_process_group:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError):  # a closed pipe must not skip the exit
                 stream.flush()
