@@ -326,6 +326,7 @@ def _eval_lstm_opt(args: argparse.Namespace) -> int:
               "lstm-opt one", file=sys.stderr)
         return 2
     rule, config = lstm_runs.load_trained(args.checkpoint)
+    best = lstm_runs.load_selection(args.checkpoint)
     problems = args.tasks if args.tasks is not None else config["eval_tasks"]
     steps = args.steps or [config["horizon"], 2 * config["horizon"]]
     try:
@@ -333,8 +334,11 @@ def _eval_lstm_opt(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"fastmeta eval: {exc} (--tasks, --steps)", file=sys.stderr)
         return 2
-    print(f"learned rule ({config['problem']}, trained for {config['horizon']} steps) on "
-          f"{problems} held-out problems:")
+    which = ("the last epoch's rule: no validation evaluation has selected one"
+             if best.epoch is None else
+             f"epoch {best.epoch}'s rule, the best on validation (loss {best.loss:.4f})")
+    print(f"learned rule ({config['problem']}, trained for {config['horizon']} steps; "
+          f"{which}) on {problems} held-out problems:")
     for step, ev in results.items():
         line = f"  after {step} step(s): loss "
         line += ("n/a" if ev["mean"] is None else

@@ -126,6 +126,8 @@ def test_eval_of_a_run_reports_the_held_out_loss_of_its_summary(run, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert main(["eval", str(run / "checkpoint.pt")]) == 0
     out = capsys.readouterr().out
+    assert (f"epoch {summary['selected_epoch']}'s rule, the best on validation (loss "
+            f"{summary['selected_validation_loss']:.4f})") in out
     for step in (4, 8):
         loss = summary["results"][lstm_runs.LEARNED]["loss"][str(step)]["mean"]
         assert f"after {step} step(s): loss {loss:.4f}" in out
@@ -344,6 +346,7 @@ def test_a_checkpoint_without_a_best_record_resumes_and_evaluates_its_last_rule(
     save_checkpoint(out / "checkpoint.pt", payload)
     rule, _ = lstm_runs.load_trained(out / "checkpoint.pt")
     _assert_same_weights(rule, payload["model"])
+    assert lstm_runs.load_selection(out / "checkpoint.pt").epoch is None
     _train(out, 4, "--resume")
     assert load_checkpoint(out / "checkpoint.pt")["extra"]["best"]["epoch"] == 4
 

@@ -76,8 +76,8 @@ from fastmeta.optim import Adam
 __all__ = ["ALGORITHM", "BASELINES", "BestOnValidation", "EVAL_EVERY", "FAMILIES",
            "LAST_EPOCH", "LEARNED", "LR_GRID", "ProblemFamily", "baseline_losses",
            "compare_with_baselines", "default_config", "evaluate_and_select", "format_table",
-           "load_trained", "plot_curves", "problem_share", "rule_losses", "train",
-           "tune_baseline", "validation_loss"]
+           "load_selection", "load_trained", "plot_curves", "problem_share", "rule_losses",
+           "train", "tune_baseline", "validation_loss"]
 
 Problems = Union[QuadraticProblems, DigitsMLPProblems]
 
@@ -718,6 +718,22 @@ def load_trained(checkpoint: str | Path) -> tuple[LSTMOptimizer, dict[str, Any]]
         CheckpointError: a corrupt checkpoint, one of another kind of run, or weights that do
             not fit the config's architecture.
     """
+    _, selected, config = _load_run(checkpoint)
+    return selected, config
+
+
+def load_selection(checkpoint: str | Path) -> BestOnValidation:
+    """The best-on-validation record of a run's checkpoint: which epoch's rule
+    :func:`load_trained` returns (``epoch`` None: the last epoch's, as no evaluation on the
+    ``eval_every`` grid has been made or the checkpoint predates the record) and its validation
+    loss. Raises as :func:`load_trained`."""
+    best, _, _ = _load_run(checkpoint)
+    return best
+
+
+def _load_run(checkpoint: str | Path
+              ) -> tuple[BestOnValidation, LSTMOptimizer, dict[str, Any]]:
+    """(the best-on-validation record, the rule it selects, the config) of a checkpoint."""
     path = Path(checkpoint)
     payload = load_checkpoint(path)
     if not is_run_config(payload.get("config")):
@@ -728,8 +744,8 @@ def load_trained(checkpoint: str | Path) -> tuple[LSTMOptimizer, dict[str, Any]]
         raise CheckpointError(f"{path}: its config is not valid: {exc}") from exc
     rule = build(config)
     _load_weights(rule, payload, path)
-    _, selected = _best_from(payload, rule, path)
-    return selected, config
+    best, selected = _best_from(payload, rule, path)
+    return best, selected, config
 
 
 def evaluate(rule: LSTMOptimizer, config: Mapping[str, Any], *, problems: int,
