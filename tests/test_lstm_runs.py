@@ -114,7 +114,8 @@ def test_run_writes_checkpoint_metrics_rule_summary_and_plot(run):
         if r["lr"] is not None:  # a baseline
             finals = {float(lr): v for lr, v in r["tuning_final"].items()}
             assert sorted(finals) == sorted(lstm_runs.LR_GRID)
-            assert r["lr"] == min((lr for lr in finals if math.isfinite(finals[lr])),
+            assert all(v is None or math.isfinite(v) for v in finals.values())  # JSON: no NaN
+            assert r["lr"] == min((lr for lr in finals if finals[lr] is not None),
                                   key=finals.__getitem__)
     # every method starts from the same held-out problems
     assert len({r["curve"][0] for r in summary["results"].values()}) == 1
@@ -259,6 +260,18 @@ def test_unknown_problem_is_refused_by_argparse(capsys):
         main(["train", "lstm-opt", "--problem", "mnist"])
     assert exc.value.code == 2
     assert "--problem" in capsys.readouterr().err
+
+
+def test_a_diverged_tuning_lr_is_null_not_nan_in_the_results():
+    """NaN is not JSON: the final tuning loss of an lr that diverged is None."""
+    rule = LSTMOptimizer()
+    results = lstm_runs.compare_with_baselines(rule, "quadratic", problems=2, tune_steps=3,
+                                               steps=3, lr_grid=[0.01, 1e6])
+    for name in lstm_runs.BASELINES:
+        assert results[name]["lr"] == 0.01
+    assert results["SGD"]["tuning_final"][1e6] is None
+    json.dumps({name: {k: v for k, v in r.items() if k != "losses"}
+                for name, r in results.items()}, allow_nan=False)
 
 
 def test_eval_refuses_shots_for_a_rule(run, capsys):

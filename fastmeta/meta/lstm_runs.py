@@ -366,7 +366,8 @@ def compare_with_baselines(rule: LSTMOptimizer, problem: str, *, problems: int,
 
     Returns:
         ``{name: {"lr", "tuning_final" (baselines only), "curve", "losses", "seconds"}}`` in the
-        order of :data:`BASELINES`, then :data:`LEARNED`, then ``other_rules``: ``curve`` is
+        order of :data:`BASELINES`, then :data:`LEARNED`, then ``other_rules``:
+        ``tuning_final`` maps each lr to its final mean tuning loss (None: diverged), ``curve`` is
         the mean loss at steps 0..steps, ``losses`` the ``[steps + 1, B]`` tensor behind it,
         ``seconds`` the wall time of tuning and evaluating that method.
     """
@@ -379,6 +380,8 @@ def compare_with_baselines(rule: LSTMOptimizer, problem: str, *, problems: int,
         best, finals = tune_baseline(name, problem, problems=problems, steps=tune_steps,
                                      lr_grid=lr_grid)
         losses = baseline_losses(name, best, _problems(problem, problems, HELD_OUT_SEED), steps)
+        # None, not NaN, for an lr that diverged: NaN is not JSON (summary.json).
+        finals = {lr: v if math.isfinite(v) else None for lr, v in finals.items()}
         results[name] = {"lr": best, "tuning_final": finals, "curve": _mean_curve(losses),
                          "losses": losses, "seconds": time.perf_counter() - start}
     for name, learned in {LEARNED: rule, **(other_rules or {})}.items():
