@@ -347,8 +347,13 @@ def test_best_on_validation_keeps_the_rule_of_the_lowest_finite_loss():
     _assert_same_weights(again.selected(rule), rule.state_dict())
     empty = lstm_runs.BestOnValidation.from_payload(None)
     assert (empty.loss, empty.epoch, empty.state) == (math.inf, None, None)
-    with pytest.raises(CheckpointError, match="best-on-validation record is damaged"):
-        lstm_runs.BestOnValidation.from_payload({"loss": "low"})
+    fresh = lstm_runs.BestOnValidation.from_payload(lstm_runs.BestOnValidation().to_payload())
+    assert (fresh.loss, fresh.epoch, fresh.state) == (math.inf, None, None)
+    good = best.to_payload()
+    for damaged in ({"loss": "low"}, [1.5, 60], {**good, "epoch": "60"}, {**good, "epoch": True},
+                    {**good, "epoch": -1}, {**good, "epoch": None}, {**good, "state": None}):
+        with pytest.raises(CheckpointError, match="best-on-validation record is damaged"):
+            lstm_runs.BestOnValidation.from_payload(damaged)
 
 
 def test_a_checkpoint_without_a_best_record_resumes_and_evaluates_its_last_rule(run, tmp_path):

@@ -254,10 +254,16 @@ class BestOnValidation:
         """
         if payload is None:
             return cls()
-        if not (isinstance(payload, Mapping) and isinstance(payload.get("loss"), float)
-                and (payload.get("state") is None or isinstance(payload["state"], Mapping))):
+        if not isinstance(payload, Mapping):
             raise CheckpointError("the checkpoint's best-on-validation record is damaged")
-        return cls(payload["loss"], payload.get("epoch"), payload.get("state"))
+        loss, epoch, state = payload.get("loss"), payload.get("epoch"), payload.get("state")
+        # As offer() leaves it: nothing kept yet, or an epoch (int >= 0) with its weights.
+        empty = epoch is None and state is None
+        kept = (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0
+                and isinstance(state, Mapping))
+        if not (isinstance(loss, float) and (empty or kept)):
+            raise CheckpointError("the checkpoint's best-on-validation record is damaged")
+        return cls(loss, epoch, state)
 
 
 # ---------------------------------------------------------------------------------------------
