@@ -9,6 +9,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -382,6 +384,24 @@ int64_t chunk_columns(int64_t tasks) {
   return std::max(kMinChunkColumns, kChunkElements / std::max<int64_t>(tasks, 1));
 }
 
+// A read-only block of at least `doubles` zeros, alive until the process ends: what an absent
+// input (BatchedStep::zeros) reads. It grows by doubling and never shrinks or moves: a kernel
+// on another thread may still read an older, smaller block, so every block is kept. Made fresh
+// per call it was a 128 KiB allocation and fill (chunk_columns(1) doubles) in every
+// differentiable step: in fastmeta.hpo's unroll of the 7,510-parameter digits MLP the native
+// call took 12.6 µs (forward) and 24.6 µs (backward) with it, 6.0 and 18.5 µs without.
+const void* zero_block(int64_t doubles) {
+  static std::mutex mutex;
+  static std::vector<std::unique_ptr<double[]>> blocks;
+  static int64_t largest = 0;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (doubles > largest) {
+    largest = std::max(doubles, 2 * largest);
+    blocks.emplace_back(new double[static_cast<size_t>(largest)]());  // value-initialised: 0.0
+  }
+  return blocks.back().get();
+}
+
 using ForwardKernel = decltype(&generic::sgd_forward_chunk);
 using BackwardKernel = decltype(&generic::sgd_backward_chunk);
 
@@ -433,8 +453,7 @@ void batched_forward(ForwardKernel kernel, int64_t param, int64_t grad, const Pt
                             step, flags);
   check_list(states_out, states.size(), "states_out", false);
   if (param_out == 0) throw std::invalid_argument("param_out must not be null");
-  const std::vector<double> zeros(static_cast<size_t>(chunk_columns(tasks)), 0.0);
-  s.zeros = zeros.data();
+  s.zeros = zero_block(std::min(chunk_columns(tasks), std::max<int64_t>(numel, 1)));
   s.param_out = as_ptr(param_out);
   for (size_t i = 0; i < states_out.size(); ++i) s.state_out[i] = as_ptr(states_out[i]);
   py::gil_scoped_release no_gil;
@@ -453,8 +472,7 @@ void batched_backward(BackwardKernel kernel, int num_hypers, int64_t param, int6
                       int flags) {
   BatchedStep s = make_step(param, grad, states, tasks, numel, dtype, hyper, lr, lr_task_stride,
                             step, flags);
-  const std::vector<double> zeros(static_cast<size_t>(chunk_columns(tasks)), 0.0);
-  s.zeros = zeros.data();
+  s.zeros = zero_block(std::min(chunk_columns(tasks), std::max<int64_t>(numel, 1)));
   check_list(grad_states_out, states.size(), "grad_states_out", false);
   check_list(grad_states, states.size(), "grad_states", false);
   // grad_param and grad_grad may be null: that gradient is not wanted and is not written.
