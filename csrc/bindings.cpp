@@ -20,6 +20,7 @@
 #endif
 
 #include "kernels.h"
+#include "mlp_unroll.h"
 
 namespace py = pybind11;
 using Ptrs = std::vector<int64_t>;
@@ -445,6 +446,35 @@ int64_t for_each_column_chunk(int64_t tasks, int64_t numel, Body body) {
   return count;
 }
 
+// One differentiable step over a [T, N] layout, chunked and shared out (GIL released).
+void run_forward(ForwardKernel kernel, const BatchedStep& s, int dtype) {
+  for_each_column_chunk(s.tasks, s.numel, [&](int64_t, int64_t begin, int64_t n) {
+    kernel(s, static_cast<DType>(dtype), begin, n);
+  });
+}
+
+// Its VJP. Hyperparameter gradients: each chunk sums into its own [kMaxHypers][T] slice, and
+// the slices are added in chunk order afterwards into out ([num_hypers][T], overwritten), so
+// the result does not depend on the thread count.
+void run_backward(BackwardKernel kernel, int num_hypers, const BatchedStep& s,
+                  const BatchedGrad& base, double* out, int dtype) {
+  const int64_t slice = static_cast<int64_t>(kMaxHypers) * s.tasks;
+  const int64_t columns = chunk_columns(s.tasks);
+  std::vector<double> partial(static_cast<size_t>(((s.numel + columns - 1) / columns) * slice),
+                              0.0);
+  const int64_t count = for_each_column_chunk(s.tasks, s.numel,
+                                              [&](int64_t c, int64_t begin, int64_t n) {
+    BatchedGrad g = base;
+    g.hyper_grad = partial.data() + c * slice;
+    kernel(s, g, static_cast<DType>(dtype), begin, n);
+  });
+  for (int64_t i = 0; i < num_hypers * s.tasks; ++i) {
+    double total = 0.0;
+    for (int64_t c = 0; c < count; ++c) total += partial[c * slice + i];
+    out[i] = total;
+  }
+}
+
 void batched_forward(ForwardKernel kernel, int64_t param, int64_t grad, const Ptrs& states,
                      int64_t param_out, const Ptrs& states_out, int64_t tasks, int64_t numel,
                      int dtype, int64_t hyper, int64_t lr, int64_t lr_task_stride, double step,
@@ -457,13 +487,9 @@ void batched_forward(ForwardKernel kernel, int64_t param, int64_t grad, const Pt
   s.param_out = as_ptr(param_out);
   for (size_t i = 0; i < states_out.size(); ++i) s.state_out[i] = as_ptr(states_out[i]);
   py::gil_scoped_release no_gil;
-  for_each_column_chunk(tasks, numel, [&](int64_t, int64_t begin, int64_t n) {
-    kernel(s, static_cast<DType>(dtype), begin, n);
-  });
+  run_forward(kernel, s, dtype);
 }
 
-// Hyperparameter gradients: each chunk sums into its own [kMaxHypers][T] slice, and the slices
-// are added in chunk order afterwards, so the result does not depend on the thread count.
 void batched_backward(BackwardKernel kernel, int num_hypers, int64_t param, int64_t grad,
                       const Ptrs& states, int64_t grad_param_out, const Ptrs& grad_states_out,
                       int64_t grad_param, int64_t grad_grad, const Ptrs& grad_states,
@@ -487,20 +513,156 @@ void batched_backward(BackwardKernel kernel, int num_hypers, int64_t param, int6
   base.grad_param = as_ptr(grad_param);
   base.grad_grad = as_ptr(grad_grad);
   base.grad_lr = as_ptr(grad_lr);
-  double* out = static_cast<double*>(as_ptr(hyper_grad));
-  const int64_t slice = static_cast<int64_t>(kMaxHypers) * tasks;
-  const int64_t columns = chunk_columns(tasks);
-  std::vector<double> partial(static_cast<size_t>(((numel + columns - 1) / columns) * slice), 0.0);
   py::gil_scoped_release no_gil;
-  const int64_t count = for_each_column_chunk(tasks, numel, [&](int64_t c, int64_t begin, int64_t n) {
-    BatchedGrad g = base;
-    g.hyper_grad = partial.data() + c * slice;
-    kernel(s, g, static_cast<DType>(dtype), begin, n);
-  });
-  for (int64_t i = 0; i < num_hypers * tasks; ++i) {
-    double total = 0.0;
-    for (int64_t c = 0; c < count; ++c) total += partial[c * slice + i];
-    out[i] = total;
+  run_backward(kernel, num_hypers, s, base, static_cast<double*>(as_ptr(hyper_grad)), dtype);
+}
+
+// ---- K momentum-SGD steps of a ReLU MLP (fastmeta/hpo.py, csrc/mlp_unroll.h) ---------------
+// Python has checked everything: one CPU device and dtype, contiguous tensors, equal batches,
+// labels in range, the layers' offsets inside θ. The trajectory lives in Python's tensors:
+// thetas/buffers/grads [K, N] (θ_1..θ_K, b_1..b_K, g_0..g_{K-1}), hs[l] [K, B, d_l] for the
+// hidden layers, deltas[l] [K, B, d_l] for every layer, q [K, B, C].
+
+struct Unroll {
+  std::vector<mlp::Layer> layers;
+  int64_t theta0, buffer0, x, y, steps, batch, thetas, buffers, grads, q, numel;
+  Ptrs hs, deltas;
+  int dtype;
+  int64_t hyper, lr, lr_stride;
+  double step;
+  int flags_first, flags_later;
+
+  int64_t n_bytes() const { return dtype == kFloat64 ? 8 : 4; }
+  template <typename T>
+  const T* theta(int64_t k) const {  // θ_k
+    return static_cast<const T*>(as_ptr(k == 0 ? theta0 : thetas + (k - 1) * numel * n_bytes()));
+  }
+  template <typename T>
+  const T* buffer(int64_t k) const {  // b_k, nullptr at k = 0 without a starting buffer
+    if (k == 0) return static_cast<const T*>(as_ptr(buffer0));
+    return static_cast<const T*>(as_ptr(buffers + (k - 1) * numel * n_bytes()));
+  }
+  template <typename T>
+  mlp::Tape<T> tape(int64_t k) const {
+    mlp::Tape<T> t;
+    const int64_t L = static_cast<int64_t>(layers.size());
+    t.h.resize(static_cast<size_t>(L));
+    t.delta.resize(static_cast<size_t>(L + 1));
+    t.h[0] = static_cast<const T*>(as_ptr(x)) + k * batch * layers[0].d_in;
+    for (int64_t l = 1; l < L; ++l)
+      t.h[l] = static_cast<const T*>(as_ptr(hs[l - 1])) + k * batch * layers[l - 1].d_out;
+    for (int64_t l = 1; l <= L; ++l)
+      t.delta[l] = static_cast<T*>(as_ptr(deltas[l - 1])) + k * batch * layers[l - 1].d_out;
+    t.q = static_cast<T*>(as_ptr(q)) + k * batch * layers.back().d_out;
+    return t;
+  }
+  BatchedStep step_at(int64_t k, const void* grad) const {
+    const void* b = k == 0 ? as_ptr(buffer0) : as_ptr(buffers + (k - 1) * numel * n_bytes());
+    BatchedStep s = make_step(k == 0 ? theta0 : thetas + (k - 1) * numel * n_bytes(),
+                              reinterpret_cast<intptr_t>(grad),
+                              Ptrs{reinterpret_cast<intptr_t>(b)}, 1, numel, dtype, hyper, lr,
+                              lr_stride, step, k == 0 ? flags_first : flags_later);
+    s.zeros = zero_block(std::min(chunk_columns(1), std::max<int64_t>(numel, 1)));
+    return s;
+  }
+};
+
+Unroll make_unroll(const std::vector<int64_t>& layers, int64_t theta0, int64_t buffer0,
+                   int64_t x, int64_t y, int64_t steps, int64_t batch, int64_t thetas,
+                   int64_t buffers, int64_t grads, const Ptrs& hs, const Ptrs& deltas,
+                   int64_t q, int64_t numel, int dtype, int64_t hyper, int64_t lr,
+                   int64_t lr_stride, double step, int flags_first, int flags_later) {
+  if (layers.empty() || layers.size() % 4 != 0)
+    throw std::invalid_argument("layers: (weight, bias, d_in, d_out) per layer");
+  if (dtype != kFloat32 && dtype != kFloat64)
+    throw std::invalid_argument("dtype: the MLP unroll runs on float32 or float64");
+  Unroll u;
+  for (size_t i = 0; i < layers.size(); i += 4)
+    u.layers.push_back({layers[i], layers[i + 1], layers[i + 2], layers[i + 3]});
+  const size_t L = u.layers.size();
+  if (hs.size() != L - 1 || deltas.size() != L)
+    throw std::invalid_argument("hs: one per hidden layer, deltas: one per layer");
+  if (steps < 1 || batch < 1) throw std::invalid_argument("steps and batch must be >= 1");
+  u.theta0 = theta0; u.buffer0 = buffer0; u.x = x; u.y = y; u.steps = steps; u.batch = batch;
+  u.thetas = thetas; u.buffers = buffers; u.grads = grads; u.q = q; u.numel = numel;
+  u.hs = hs; u.deltas = deltas; u.dtype = dtype; u.hyper = hyper; u.lr = lr;
+  u.lr_stride = lr_stride; u.step = step; u.flags_first = flags_first;
+  u.flags_later = flags_later;
+  return u;
+}
+
+template <typename T>
+void mlp_unroll_forward_typed(const Unroll& u, mlp::GemmFn<T> gemm) {
+  const mlp::Blas<T> blas{gemm};
+  std::vector<T> logits(static_cast<size_t>(u.batch * u.layers.back().d_out));
+  const auto kernel = kernels().sgd_forward;
+  for (int64_t k = 0; k < u.steps; ++k) {
+    T* grad = static_cast<T*>(as_ptr(u.grads)) + k * u.numel;
+    mlp::loss_grad<T>(blas, u.layers, u.theta<T>(k),
+                      static_cast<const int64_t*>(as_ptr(u.y)) + k * u.batch, u.batch,
+                      u.tape<T>(k), logits.data(), grad);
+    BatchedStep s = u.step_at(k, grad);
+    s.param_out = static_cast<T*>(as_ptr(u.thetas)) + k * u.numel;
+    s.state_out[0] = static_cast<T*>(as_ptr(u.buffers)) + k * u.numel;
+    run_forward(kernel, s, u.dtype);
+  }
+}
+
+// From (θ̄_K, b̄_K) (0: zero) back to (θ̄_0, b̄_0), written where asked (0: not wanted). The
+// per-element lr's gradient is added to d_lr; each step's hyperparameter gradients go to its
+// row of d_tables ([K][num_hypers][1] float64, overwritten). needs_param: the step reads θ
+// (weight decay); without it θ̄ passes through the step unchanged.
+template <typename T>
+void mlp_unroll_backward_typed(const Unroll& u, mlp::GemmFn<T> gemm, bool needs_param,
+                               int64_t theta_bar, int64_t buffer_bar, int64_t d_lr,
+                               int64_t d_tables, int num_hypers, int64_t theta_bar0,
+                               int64_t buffer_bar0) {
+  const mlp::Blas<T> blas{gemm};
+  const auto kernel = kernels().sgd_backward;
+  const size_t n = static_cast<size_t>(u.numel);
+  std::vector<T> tb[2] = {std::vector<T>(n), std::vector<T>(n)};
+  std::vector<T> bb[2] = {std::vector<T>(n), std::vector<T>(n)};
+  std::vector<T> d_param(n), d_grad(n);
+  mlp::HvpScratch<T> scratch(u.layers, u.batch);
+  const T* tbar = static_cast<const T*>(as_ptr(theta_bar));
+  const T* bbar = static_cast<const T*>(as_ptr(buffer_bar));
+  int next = 0;
+  for (int64_t k = u.steps - 1; k >= 0; --k) {
+    const bool want_theta = k > 0 || theta_bar0 != 0;
+    const bool has_buffer = u.buffer<T>(k) != nullptr;
+    const bool want_buffer = has_buffer && (k > 0 || buffer_bar0 != 0);
+    const T* grad = static_cast<const T*>(as_ptr(u.grads)) + k * u.numel;
+    BatchedStep s = u.step_at(k, grad);
+    BatchedGrad g{};
+    g.grad_param_out = tbar;
+    g.grad_state_out[0] = bbar;
+    g.grad_param = want_theta && needs_param ? d_param.data() : nullptr;
+    g.grad_grad = want_theta ? d_grad.data() : nullptr;
+    g.grad_state[0] = has_buffer ? bb[next].data() : nullptr;  // the kernel writes it
+    g.grad_lr = as_ptr(d_lr);
+    run_backward(kernel, num_hypers, s, g,
+                 static_cast<double*>(as_ptr(d_tables)) + k * num_hypers, u.dtype);
+    if (want_theta) {
+      T* out = tb[next].data();
+      mlp::hvp<T>(blas, u.layers, u.theta<T>(k), u.batch, u.tape<T>(k), d_grad.data(), scratch,
+                  out);
+      const T* add = needs_param ? d_param.data() : tbar;  // tbar: θ̄ through the identity
+      if (add != nullptr)
+        for (size_t i = 0; i < n; ++i) out[i] += add[i];
+      tbar = out;
+    } else {
+      tbar = nullptr;
+    }
+    bbar = want_buffer ? bb[next].data() : nullptr;
+    next ^= 1;
+  }
+  if (theta_bar0 != 0) {
+    T* out = static_cast<T*>(as_ptr(theta_bar0));
+    for (size_t i = 0; i < n; ++i) out[i] = tbar != nullptr ? tbar[i] : T(0);
+  }
+  if (buffer_bar0 != 0) {
+    T* out = static_cast<T*>(as_ptr(buffer_bar0));
+    for (size_t i = 0; i < n; ++i) out[i] = bbar != nullptr ? bbar[i] : T(0);
   }
 }
 
@@ -915,6 +1077,49 @@ PYBIND11_MODULE(_C, m) {
         py::arg("hidden"), py::arg("dtype"), py::arg("p"), py::arg("output_scale"),
         "VJP of lstm_rule_forward; weight_grads[k] receives the gradient of weight k (in the "
         "weights' dtype; 0 or an empty list: not wanted), summed in float64 in a fixed order.");
+  m.def("mlp_unroll_forward",
+        [](int64_t gemm, const std::vector<int64_t>& layers, int64_t theta0, int64_t buffer0,
+           int64_t x, int64_t y, int64_t steps, int64_t batch, int64_t thetas, int64_t buffers,
+           int64_t grads, const Ptrs& hs, const Ptrs& deltas, int64_t q, int64_t numel,
+           int dtype, int64_t hyper, int64_t lr, int64_t lr_stride, double step,
+           int flags_first, int flags_later) {
+          if (gemm == 0) throw std::invalid_argument("gemm: the BLAS ?gemm_ address is null");
+          const Unroll u = make_unroll(layers, theta0, buffer0, x, y, steps, batch, thetas,
+                                       buffers, grads, hs, deltas, q, numel, dtype, hyper, lr,
+                                       lr_stride, step, flags_first, flags_later);
+          py::gil_scoped_release no_gil;
+          if (dtype == kFloat64)
+            mlp_unroll_forward_typed<double>(u, reinterpret_cast<mlp::GemmFn<double>>(gemm));
+          else
+            mlp_unroll_forward_typed<float>(u, reinterpret_cast<mlp::GemmFn<float>>(gemm));
+        },
+        "K momentum-SGD steps of a ReLU MLP on cross-entropy, keeping the trajectory "
+        "(fastmeta/hpo.py; csrc/mlp_unroll.h).");
+  m.def("mlp_unroll_backward",
+        [](int64_t gemm, const std::vector<int64_t>& layers, int64_t theta0, int64_t buffer0,
+           int64_t x, int64_t y, int64_t steps, int64_t batch, int64_t thetas, int64_t buffers,
+           int64_t grads, const Ptrs& hs, const Ptrs& deltas, int64_t q, int64_t numel,
+           int dtype, int64_t hyper, int64_t lr, int64_t lr_stride, double step,
+           int flags_first, int flags_later, bool needs_param, int64_t theta_bar,
+           int64_t buffer_bar, int64_t d_lr, int64_t d_tables, int num_hypers,
+           int64_t theta_bar0, int64_t buffer_bar0) {
+          if (gemm == 0) throw std::invalid_argument("gemm: the BLAS ?gemm_ address is null");
+          if (d_tables == 0) throw std::invalid_argument("d_tables must not be null");
+          if ((lr == 0) != (d_lr == 0)) throw std::invalid_argument("lr and d_lr go together");
+          const Unroll u = make_unroll(layers, theta0, buffer0, x, y, steps, batch, thetas,
+                                       buffers, grads, hs, deltas, q, numel, dtype, hyper, lr,
+                                       lr_stride, step, flags_first, flags_later);
+          py::gil_scoped_release no_gil;
+          if (dtype == kFloat64)
+            mlp_unroll_backward_typed<double>(u, reinterpret_cast<mlp::GemmFn<double>>(gemm),
+                                              needs_param, theta_bar, buffer_bar, d_lr,
+                                              d_tables, num_hypers, theta_bar0, buffer_bar0);
+          else
+            mlp_unroll_backward_typed<float>(u, reinterpret_cast<mlp::GemmFn<float>>(gemm),
+                                             needs_param, theta_bar, buffer_bar, d_lr,
+                                             d_tables, num_hypers, theta_bar0, buffer_bar0);
+        },
+        "The reverse pass of mlp_unroll_forward: step VJPs and Hessian-vector products.");
   m.def("stream", &stream, py::arg("streams"), py::arg("num_writes"), py::arg("numels"),
         "Memory-roofline probe: streams[s] lists the addresses of stream s's float32 tensors "
         "(numels[t] elements for tensor t); reads every stream and writes the first num_writes "

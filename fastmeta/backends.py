@@ -32,6 +32,7 @@ __all__ = [
     "available",
     "native",
     "resolve",
+    "torch_blas_gemm",
     "trace",
     "triton_kernels",
 ]
@@ -71,6 +72,43 @@ def native() -> ModuleType | None:
         except ImportError as exc:
             _native_error = f"{exc}"
     return _native_module
+
+
+_blas_gemm: dict[torch.dtype, int | None] = {}
+# Set FASTMETA_NO_TORCH_BLAS=1 to keep the native code from calling torch's BLAS (the MLP
+# unroll of fastmeta.hpo then runs its Python path).
+_NO_TORCH_BLAS = "FASTMETA_NO_TORCH_BLAS"
+
+
+def torch_blas_gemm(dtype: torch.dtype) -> int | None:
+    """The address of the Fortran BLAS ``sgemm_`` (float32) or ``dgemm_`` (float64) that
+    torch's CPU library carries (MKL on x86-64 builds), for native code that multiplies small
+    matrices without a torch call per product; None where torch's library does not export it,
+    for another dtype, or with ``FASTMETA_NO_TORCH_BLAS=1``.
+
+    Found with ctypes in the already-loaded ``libtorch_cpu``, so the extension itself links
+    against no torch or BLAS library (csrc/mlp_unroll.h passes the integers so that an LP64
+    and an ILP64 BLAS read them alike).
+    """
+    if os.environ.get(_NO_TORCH_BLAS, "0") == "1":
+        return None
+    if dtype not in _blas_gemm:
+        name = {torch.float32: "sgemm_", torch.float64: "dgemm_"}.get(dtype)
+        address = None
+        if name is not None:
+            import ctypes
+            import glob
+
+            lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+            for path in sorted(glob.glob(os.path.join(lib_dir, "libtorch_cpu.*"))):
+                try:
+                    address = ctypes.cast(getattr(ctypes.CDLL(path), name),
+                                          ctypes.c_void_p).value
+                except (OSError, AttributeError):
+                    continue
+                break
+        _blas_gemm[dtype] = address
+    return _blas_gemm[dtype]
 
 
 def _triton_importable() -> bool:

@@ -82,7 +82,7 @@ from fastmeta._autograd import Function
 from fastmeta.flat import FlatLayout
 
 __all__ = ["LOSSES", "MLPSpec", "MLPTape", "TaskLossGrad", "UnsupportedModel", "mlp_spec",
-           "task_loss_grads"]
+           "relu_only", "task_loss_grads"]
 
 
 class UnsupportedModel(ValueError):
@@ -476,6 +476,12 @@ class MLPSpec:
                 if act.curvature is not None:  # (δ_l W_l) ⊙ σ'' ⊙ Ra = δ_{l-1} ⊙ σ''/σ' ⊙ Ra
                     r_delta.addcmul_(tape.deltas[i - 1] * act.curvature(h), r_pre[i - 1])
         return hv
+
+
+def relu_only(spec: MLPSpec) -> bool:
+    """True when every activation of ``spec`` is ReLU (what the native MLP unroll of
+    :mod:`fastmeta.hpo` covers)."""
+    return all(act is _ACTIVATIONS[nn.ReLU] for act in spec.activations)
 
 
 def mlp_spec(model: nn.Module, layout: FlatLayout | None = None) -> MLPSpec | None:

@@ -127,7 +127,11 @@ MLP_MODELS = {
         nn.Linear(4, 3, bias=False)),
     "sigmoid": lambda: nn.Sequential(nn.Linear(5, 6), nn.Sigmoid(), nn.Linear(6, 3)),
     "linear": lambda: nn.Sequential(nn.Linear(5, 3)),
+    "relu": lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(),
+                                  nn.Linear(4, 3)),
 }
+# The models the native unroll (csrc/mlp_unroll.h) runs: ReLU between the layers, or none.
+NATIVE_UNROLL_MODELS = ("relu", "relu_no_bias", "linear")
 UNSUPPORTED_MODELS = {
     "GELU": lambda: nn.Sequential(nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 3)),
     "BatchNorm1d": lambda: nn.Sequential(
@@ -246,6 +250,93 @@ def test_mlp_path_takes_numbers_and_no_weight_decay(impl):
         results[fused_model] = (val_loss.detach(), theta_k.detach(), buffer_k.detach()), grads
     _assert_mlp_close((*results[True][0], results[True][1]),
                       (*results[False][0], results[False][1]))
+
+
+def _spy_native_unroll(monkeypatch) -> list[int]:
+    """Counts the native unroll's forward calls."""
+    calls: list[int] = []
+    forward = hpo._NativeUnroll.forward
+
+    def counted(self):
+        calls.append(1)
+        return forward(self)
+
+    monkeypatch.setattr(hpo._NativeUnroll, "forward", counted)
+    return calls
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("start", ["no_buffer", "buffer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", NATIVE_UNROLL_MODELS)
+def test_native_unroll_matches_the_python_loop(name, dtype, start, monkeypatch):
+    """The native unroll against _UnrolledMLP's Python loop (the same maths on torch ops):
+    θ_K, b_K and every input's gradient, from a run's start and from a carried buffer."""
+    if hpo.torch_blas_gemm(dtype) is None:
+        pytest.skip("torch's library exports no BLAS gemm here")
+    model, layout, batches, val, state, hypers, probe = _mlp_problem(MLP_MODELS[name], dtype)
+    if start == "buffer":
+        state = state[0], torch.randn(layout.numel, dtype=dtype,
+                                      generator=torch.Generator().manual_seed(1))
+    calls = _spy_native_unroll(monkeypatch)
+    native = _unroll("mlp", model, layout, state, hypers, batches, val, probe, impl="native")
+    assert calls, "the native unroll did not run"
+    monkeypatch.setattr(hpo, "torch_blas_gemm", lambda dtype: None)  # the Python loop
+    python = _unroll("mlp", model, layout, state, hypers, batches, val, probe, impl="native")
+    assert len(calls) == 1
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, e in zip([*native[:3], *native[3]], [*python[:3], *python[3]]):
+        torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * float(e.abs().max()))
+
+
+@pytest.mark.native
+def test_native_unroll_takes_numbers_and_no_weight_decay(monkeypatch):
+    """Scalar lr (no per-element lr gradient), weight decay the number 0 (θ̄ passes through
+    the step), and only θ_0's and b_0's gradients asked for."""
+    if hpo.torch_blas_gemm(torch.float64) is None:
+        pytest.skip("torch's library exports no BLAS gemm here")
+    model, layout, batches, val, state, _, _ = _mlp_problem(MLP_MODELS["relu"], torch.float64)
+    calls = _spy_native_unroll(monkeypatch)
+    results = []
+    for _ in range(2):
+        theta = state[0].clone().requires_grad_()
+        buffer = (state[0] * 0.1).requires_grad_()
+        val_loss, theta_k, buffer_k = hpo.unrolled_validation_loss(
+            model, layout, theta, buffer, 0.3, 0.9, 0.0, batches, val, impl="native",
+            fused_model=True)
+        grads = torch.autograd.grad(val_loss + buffer_k.sum(), [theta, buffer])
+        results.append([val_loss.detach(), theta_k.detach(), buffer_k.detach(), *grads])
+        monkeypatch.setattr(hpo, "torch_blas_gemm", lambda dtype: None)
+    assert len(calls) == 1
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12 * float(e.abs().max()))
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("case", ["tanh", "unequal batches", "reference impl", "no BLAS"])
+def test_native_unroll_leaves_the_rest_to_the_python_loop(case, monkeypatch):
+    name = "tanh" if case == "tanh" else "relu"
+    model, layout, batches, val, state, hypers, probe = _mlp_problem(MLP_MODELS[name],
+                                                                     torch.float64)
+    impl = "reference" if case == "reference impl" else "native"
+    if case == "unequal batches":
+        batches = [*batches[:-1], (batches[-1][0][:5], batches[-1][1][:5])]
+    if case == "no BLAS":
+        monkeypatch.setenv("FASTMETA_NO_TORCH_BLAS", "1")
+    calls = _spy_native_unroll(monkeypatch)
+    mlp = _unroll("mlp", model, layout, state, hypers, batches, val, probe, impl=impl)
+    assert mlp[4] and not calls
+    eager = _unroll("eager", model, layout, state, hypers, batches, val, probe)
+    _assert_mlp_close(mlp, eager)
+
+
+def test_torch_blas_gemm_is_found_or_none(monkeypatch):
+    for dtype in (torch.float32, torch.float64):
+        address = hpo.torch_blas_gemm(dtype)
+        assert address is None or (isinstance(address, int) and address > 0)
+    assert hpo.torch_blas_gemm(torch.float16) is None
+    monkeypatch.setenv("FASTMETA_NO_TORCH_BLAS", "1")
+    assert hpo.torch_blas_gemm(torch.float32) is None
 
 
 @pytest.mark.parametrize("fused_model", [None, True, False])
