@@ -3,9 +3,10 @@ training steps of momentum SGD with per-layer lr and weight decay, the validatio
 gradient w.r.t. the hyperparameters through all K steps) on the digits MLP.
 
 * fastmeta: :func:`fastmeta.hpo.unrolled_validation_loss` on the flat parameter buffer. The
-  digits model is a plain MLP, so the K steps run as one autograd node: the fused momentum
+  digits model is a plain ReLU MLP, so the K steps run as one autograd node: the fused momentum
   kernels, with the training gradients and (in the backward) the Hessian-vector products
-  written by hand (:mod:`fastmeta.fused_mlp`) instead of a per-step autograd graph;
+  written by hand instead of a per-step autograd graph; on the CPU the node's forward and
+  backward are one native call each (``csrc/mlp_unroll.h``, the products on torch's BLAS);
 * eager (per tensor): the same maths in plain eager autograd, one tensor per parameter and
   ``p - lr * b`` steps through :func:`torch.func.functional_call`
   (:func:`fastmeta.hpo.unrolled_validation_loss_reference`), as a user would write it;

@@ -1,5 +1,7 @@
 // pybind11 entry points of fastmeta._C. No libtorch: Python validates every tensor and passes
-// data pointers, element counts and dtype codes (fastmeta/ops/tensor_lists.py). Each call
+// data pointers, element counts and dtype codes (fastmeta/ops/tensor_lists.py). The one outside
+// function called, the BLAS gemm of the MLP unroll, comes the same way: as an address that
+// Python found in torch's already-loaded library (fastmeta/backends.py: torch_blas_gemm). Each call
 // covers a whole param group: the tensors are cut into chunks, OpenMP shares the chunks out,
 // and the ISA chosen at import runs each chunk. The GIL is released around all of it.
 #include <pybind11/pybind11.h>
@@ -393,14 +395,15 @@ int64_t chunk_columns(int64_t tasks) {
 // call took 12.6 µs (forward) and 24.6 µs (backward) with it, 6.0 and 18.5 µs without.
 const void* zero_block(int64_t doubles) {
   static std::mutex mutex;
-  static std::vector<std::unique_ptr<double[]>> blocks;
+  // Never destroyed (not even at exit, when a daemon thread may still be in a step).
+  static auto* blocks = new std::vector<std::unique_ptr<double[]>>();
   static int64_t largest = 0;
   const std::lock_guard<std::mutex> lock(mutex);
   if (doubles > largest) {
     largest = std::max(doubles, 2 * largest);
-    blocks.emplace_back(new double[static_cast<size_t>(largest)]());  // value-initialised: 0.0
+    blocks->emplace_back(new double[static_cast<size_t>(largest)]());  // value-initialised: 0.0
   }
-  return blocks.back().get();
+  return blocks->back().get();
 }
 
 using ForwardKernel = decltype(&generic::sgd_forward_chunk);
@@ -572,8 +575,13 @@ Unroll make_unroll(const std::vector<int64_t>& layers, int64_t theta0, int64_t b
                    int64_t buffers, int64_t grads, const Ptrs& hs, const Ptrs& deltas,
                    int64_t q, int64_t numel, int dtype, int64_t hyper, int64_t lr,
                    int64_t lr_stride, double step, int flags_first, int flags_later) {
+  if (!mlp::kLittleEndian)
+    throw std::runtime_error("the MLP unroll runs on little-endian CPUs only (see GemmFn)");
   if (layers.empty() || layers.size() % 4 != 0)
     throw std::invalid_argument("layers: (weight, bias, d_in, d_out) per layer");
+  for (size_t i = 0; i < layers.size(); i += 4)
+    if (layers[i + 2] < 1 || layers[i + 3] < 1)
+      throw std::invalid_argument("layers: every width must be >= 1");
   if (dtype != kFloat32 && dtype != kFloat64)
     throw std::invalid_argument("dtype: the MLP unroll runs on float32 or float64");
   Unroll u;
@@ -1105,6 +1113,8 @@ PYBIND11_MODULE(_C, m) {
            int64_t theta_bar0, int64_t buffer_bar0) {
           if (gemm == 0) throw std::invalid_argument("gemm: the BLAS ?gemm_ address is null");
           if (d_tables == 0) throw std::invalid_argument("d_tables must not be null");
+          if (num_hypers < 1 || num_hypers > kMaxHypers)
+            throw std::invalid_argument("num_hypers must be in [1, kMaxHypers]");
           if ((lr == 0) != (d_lr == 0)) throw std::invalid_argument("lr and d_lr go together");
           const Unroll u = make_unroll(layers, theta0, buffer0, x, y, steps, batch, thetas,
                                        buffers, grads, hs, deltas, q, numel, dtype, hyper, lr,

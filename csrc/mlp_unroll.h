@@ -31,13 +31,13 @@ namespace mlp {
 
 // Fortran BLAS ?gemm_, column-major. Its integers are 32-bit (LP64, as torch's MKL) or 64-bit
 // (ILP64); they are passed by address, so each is stored as int64_t: on a little-endian CPU an
-// LP64 BLAS reads its low half, which is the same number (dimensions are < 2^31).
+// LP64 BLAS reads its low half, which is the same number (dimensions are < 2^31). On a
+// big-endian CPU the entry points refuse to run (kLittleEndian) and Python never calls them.
 template <typename T>
 using GemmFn = void (*)(const char*, const char*, const int64_t*, const int64_t*,
                         const int64_t*, const T*, const T*, const int64_t*, const T*,
                         const int64_t*, const T*, T*, const int64_t*);
-static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
-              "the BLAS integers are passed as int64_t for LP64 and ILP64 alike (see GemmFn)");
+constexpr bool kLittleEndian = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__;
 
 // Row-major C[m, n] = op(A) op(B) + beta C, op(A) [m, k] being A ([m, k], row stride lda) or,
 // with ta, the transpose of A ([k, m]); the same for B. A row-major matrix is its transpose in
@@ -76,10 +76,11 @@ inline void column_sums(const T* m, int64_t rows, int64_t cols, T* out) {
     for (int64_t j = 0; j < cols; ++j) out[j] += m[i * cols + j];
 }
 
-// a ⊙ [h > 0] in place (torch's threshold_backward(a, h, 0): 0 where h is NaN too).
+// a ⊙ [h > 0] in place, as torch's threshold_backward(a, h, 0): 0 where h <= 0, so a is kept
+// where h is NaN.
 template <typename T>
 inline void relu_mask(T* a, const T* h, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) a[i] = h[i] > T(0) ? a[i] : T(0);
+  for (int64_t i = 0; i < n; ++i) a[i] = h[i] <= T(0) ? T(0) : a[i];
 }
 
 // Rows of out = bias (or 0): the C of a product that adds the bias with beta = 1.

@@ -24,7 +24,8 @@ A hyper-step runs K training steps from the carried state :math:`(\\theta_0, b_0
 fused, differentiable momentum step of :func:`fastmeta.functional.momentum` on the flat
 parameter buffer (the per-layer lr expanded to a per-element lr; for an MLP the K steps are one
 autograd node, with the training gradients and their second-order terms written by hand in
-:mod:`fastmeta.fused_mlp`),
+:mod:`fastmeta.fused_mlp`, and for a ReLU MLP on the CPU that node's forward and backward are
+one native call each, ``csrc/mlp_unroll.h``),
 
 .. math::
     \\begin{aligned}
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -413,8 +415,10 @@ def unrolled_validation_loss(
     with ReLU/tanh/sigmoid between them, see :class:`fastmeta.fused_mlp.MLPSpec`) the K steps
     are one autograd node: the training gradients and, in the backward, the Hessian-vector
     products they need are computed by hand (:mod:`fastmeta.fused_mlp`), with no per-step
-    autograd graph. That node is differentiable once: a backward through it with
-    ``create_graph=True`` raises. Any other model runs one
+    autograd graph; with ReLU (or no activation), float32/float64 CPU tensors, equal batches
+    and the native kernels, the node's K steps and its backward are each one native call
+    (``csrc/mlp_unroll.h``, matrix products on torch's BLAS). That node is differentiable
+    once: a backward through it with ``create_graph=True`` raises. Any other model runs one
     :func:`fastmeta.functional.momentum` call per step on the gradient from
     ``torch.autograd.grad(..., create_graph=True)``, which is differentiable to any order.
     The validation loss is ordinary autograd on both paths.
@@ -551,6 +555,9 @@ class _UnrolledMLP(Function):
 
     The trajectory (θ_k, b_k, g_k and each step's activations) lives on ``ctx``, not in
     ``save_for_backward``: it is made here, and no one else holds it.
+
+    For a ReLU MLP on the CPU with the native kernels (:class:`_NativeUnroll`), the loops of
+    both methods are one native call each (the same maths, tested against this Python loop).
     """
 
     @staticmethod
@@ -682,7 +689,10 @@ class _NativeUnroll:
               kernels: tl.StepKernels | None) -> _NativeUnroll | None:
         """The native unroll where it applies, else None (the Python loop)."""
         if (kernels is None or kernels.impl is not Impl.NATIVE or theta.device.type != "cpu"
-                or theta.dim() != 1 or not relu_only(plan.spec) or native() is None):
+                or theta.dim() != 1 or theta.numel() == 0 or not relu_only(plan.spec)
+                or sys.byteorder != "little"  # see GemmFn in csrc/mlp_unroll.h
+                or any(ly.in_features == 0 or ly.out_features == 0 for ly in plan.spec.layers)
+                or not hasattr(native(), "mlp_unroll_forward")):  # None, or an older build
             return None
         gemm = torch_blas_gemm(theta.dtype)
         if gemm is None:

@@ -265,6 +265,59 @@ def _spy_native_unroll(monkeypatch) -> list[int]:
     return calls
 
 
+def _native_and_python(monkeypatch, make_model, dtype, *, in_features=5, batch_size=8,
+                       steps=7, start_buffer=False, theta_grad=True, lr_form="element",
+                       lr=0.3):
+    """One unroll by the native path and one by the Python loop, from the same start:
+    [val loss, θ_K, b_K, *gradients of val loss + <r, b_K> w.r.t. every input that wants one]
+    for each, after checking that the native path ran exactly once."""
+    g = torch.Generator().manual_seed(0)
+    model = make_model().to(dtype)
+    layout = FlatLayout.of(model)
+    classes = list(model.modules())[-1].out_features
+    x = torch.randn(steps * batch_size, in_features, generator=g, dtype=dtype)
+    y = torch.randint(0, classes, (steps * batch_size,), generator=g)
+    batches = [(x[i:i + batch_size], y[i:i + batch_size])
+               for i in range(0, steps * batch_size, batch_size)]
+    val = (torch.randn(20, in_features, generator=g, dtype=dtype),
+           torch.randint(0, classes, (20,), generator=g))
+    theta0 = layout.flatten(model)
+    buffer0 = torch.randn(layout.numel, generator=g, dtype=dtype) if start_buffer else None
+    lr = {"element": 0.1 + 0.4 * torch.rand(layout.numel, generator=g, dtype=dtype),
+          "scalar": torch.tensor(lr, dtype=dtype), "number": lr}[lr_form]
+    probe = torch.randn(layout.numel, generator=g, dtype=dtype)
+    calls = _spy_native_unroll(monkeypatch)
+    results = []
+    for _ in ("native", "python"):
+        theta = theta0.clone().requires_grad_(theta_grad)
+        buffer = None if buffer0 is None else buffer0.clone().requires_grad_()
+        lr_t = lr.clone().requires_grad_() if isinstance(lr, torch.Tensor) else lr
+        mu = torch.tensor(0.7, dtype=dtype, requires_grad=True)
+        wd = torch.tensor(1e-2, dtype=dtype, requires_grad=True)
+        val_loss, theta_k, buffer_k = hpo.unrolled_validation_loss(
+            model, layout, theta, buffer, lr_t, mu, wd, batches, val, impl="native",
+            fused_model=True)
+        inputs = [t for t in (theta, buffer, lr_t, mu, wd)
+                  if isinstance(t, torch.Tensor) and t.requires_grad]
+        grads = torch.autograd.grad(val_loss + (probe * buffer_k).sum(), inputs)
+        results.append([val_loss.detach(), theta_k.detach(), buffer_k.detach(), *grads])
+        monkeypatch.setattr(hpo, "torch_blas_gemm", lambda dtype: None)  # then the loop
+    assert len(calls) == 1, "the native unroll must run once, for the first unroll only"
+    return results
+
+
+def _assert_native_matches(results, dtype):
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert len(results[0]) == len(results[1])
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * float(e.abs().max()))
+
+
+def _skip_without_blas(dtype):
+    if hpo.torch_blas_gemm(dtype) is None:
+        pytest.skip("torch's library exports no BLAS gemm here")
+
+
 @pytest.mark.native
 @pytest.mark.parametrize("start", ["no_buffer", "buffer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -272,21 +325,46 @@ def _spy_native_unroll(monkeypatch) -> list[int]:
 def test_native_unroll_matches_the_python_loop(name, dtype, start, monkeypatch):
     """The native unroll against _UnrolledMLP's Python loop (the same maths on torch ops):
     θ_K, b_K and every input's gradient, from a run's start and from a carried buffer."""
-    if hpo.torch_blas_gemm(dtype) is None:
-        pytest.skip("torch's library exports no BLAS gemm here")
-    model, layout, batches, val, state, hypers, probe = _mlp_problem(MLP_MODELS[name], dtype)
-    if start == "buffer":
-        state = state[0], torch.randn(layout.numel, dtype=dtype,
-                                      generator=torch.Generator().manual_seed(1))
-    calls = _spy_native_unroll(monkeypatch)
-    native = _unroll("mlp", model, layout, state, hypers, batches, val, probe, impl="native")
-    assert calls, "the native unroll did not run"
-    monkeypatch.setattr(hpo, "torch_blas_gemm", lambda dtype: None)  # the Python loop
-    python = _unroll("mlp", model, layout, state, hypers, batches, val, probe, impl="native")
-    assert len(calls) == 1
-    rtol = 1e-12 if dtype == torch.float64 else 1e-5
-    for a, e in zip([*native[:3], *native[3]], [*python[:3], *python[3]]):
-        torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * float(e.abs().max()))
+    _skip_without_blas(dtype)
+    _assert_native_matches(_native_and_python(monkeypatch, MLP_MODELS[name], dtype,
+                                              start_buffer=start == "buffer"), dtype)
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("lr_form", ["element", "scalar", "number"])
+@pytest.mark.parametrize("theta_grad", [True, False], ids=["theta0_grad", "no_theta0_grad"])
+def test_native_unroll_gradients_asked_for(theta_grad, lr_form, monkeypatch):
+    """θ_0 with and without a gradient (HPO's case: none, and the last H v is skipped), and
+    the lr per element, a () tensor (its gradient from the step's hyperparameter table) or a
+    number."""
+    _skip_without_blas(torch.float64)
+    _assert_native_matches(_native_and_python(
+        monkeypatch, MLP_MODELS["relu"], torch.float64, start_buffer=True,
+        theta_grad=theta_grad, lr_form=lr_form), torch.float64)
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("steps", [1, 20])
+def test_native_unroll_on_the_digits_mlp_shape(steps, dtype, monkeypatch):
+    """The benchmark's shape, 64-100-10 with batches of 32 (large enough for MKL's blocked
+    products), and a single step."""
+    _skip_without_blas(dtype)
+    _assert_native_matches(_native_and_python(
+        monkeypatch, lambda: nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10)),
+        dtype, in_features=64, batch_size=32, steps=steps), dtype)
+
+
+@pytest.mark.native
+def test_native_unroll_diverges_as_the_python_loop_does(monkeypatch):
+    """A diverging run (lr 1e60): the same non-finite entries on both paths (ReLU's mask
+    keeps the incoming gradient where the activation is NaN, as torch's threshold_backward)."""
+    _skip_without_blas(torch.float64)
+    native_bad, python_bad = _native_and_python(monkeypatch, MLP_MODELS["relu"], torch.float64,
+                                                lr_form="number", theta_grad=True, lr=1e60)
+    assert not torch.isfinite(python_bad[1]).all(), "the run must diverge"
+    for a, e in zip(native_bad, python_bad):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=0, equal_nan=True)
 
 
 @pytest.mark.native
@@ -313,10 +391,14 @@ def test_native_unroll_takes_numbers_and_no_weight_decay(monkeypatch):
 
 
 @pytest.mark.native
-@pytest.mark.parametrize("case", ["tanh", "unequal batches", "reference impl", "no BLAS"])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("case", ["tanh", "unequal batches", "reference impl", "no BLAS",
+                                  "zero-width layer"])
 def test_native_unroll_leaves_the_rest_to_the_python_loop(case, monkeypatch):
-    name = "tanh" if case == "tanh" else "relu"
-    model, layout, batches, val, state, hypers, probe = _mlp_problem(MLP_MODELS[name],
+    models = {**MLP_MODELS, "zero-width layer": lambda: nn.Sequential(
+        nn.Linear(5, 0), nn.ReLU(), nn.Linear(0, 3))}
+    name = case if case in ("tanh", "zero-width layer") else "relu"
+    model, layout, batches, val, state, hypers, probe = _mlp_problem(models[name],
                                                                      torch.float64)
     impl = "reference" if case == "reference impl" else "native"
     if case == "unequal batches":
