@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -70,10 +69,11 @@ from torch import nn
 
 import fastmeta.functional as FF
 from fastmeta._autograd import Function
-from fastmeta.backends import Impl, native, torch_blas_gemm
+from fastmeta.backends import Impl
 from fastmeta.flat import FlatLayout
-from fastmeta.fused_mlp import MLPSpec, UnsupportedModel, relu_only
+from fastmeta.fused_mlp import MLPSpec, UnsupportedModel
 from fastmeta.ops import tensor_lists as tl
+from fastmeta.ops.mlp_unroll import NativeMLPUnroll
 from fastmeta.ops.sgd import SGD_RULE, prepare_sgd_step
 from fastmeta.optim import SGD, Adam
 
@@ -556,7 +556,8 @@ class _UnrolledMLP(Function):
     The trajectory (θ_k, b_k, g_k and each step's activations) lives on ``ctx``, not in
     ``save_for_backward``: it is made here, and no one else holds it.
 
-    For a ReLU MLP on the CPU with the native kernels (:class:`_NativeUnroll`), the loops of
+    For a ReLU MLP on the CPU with the native kernels
+    (:class:`fastmeta.ops.mlp_unroll.NativeMLPUnroll`), the loops of
     both methods are one native call each (the same maths, tested against this Python loop).
     """
 
@@ -569,7 +570,8 @@ class _UnrolledMLP(Function):
         ctx.kernels = None
         if plan.first.impl is not Impl.REFERENCE:
             ctx.kernels = tl.StepKernels(SGD_RULE, plan.first, hypers, theta)
-        ctx.native = _NativeUnroll.maybe(plan, theta, buffer, ctx.kernels)
+        ctx.native = NativeMLPUnroll.maybe(plan.spec, plan.batches, plan.first, plan.later,
+                                           theta, buffer, ctx.kernels)
         if ctx.native is not None:  # the whole loop in one native call
             return ctx.native.forward()
         ctx.thetas, ctx.buffers, ctx.grads, ctx.tapes = [], [], [], []
@@ -639,88 +641,6 @@ class _UnrolledMLP(Function):
                 kernels.hyper_grads(plan.later, hypers, d_lr, d_tables.sum(0)), need_hypers)]
         return (None, theta_bar if need_theta0 else None, buffer_bar if need_buffer0 else None,
                 *hyper_bars)
-
-
-class _NativeUnroll:
-    """:class:`_UnrolledMLP`'s loop as two native calls (``fastmeta._C.mlp_unroll_forward``
-    and ``_backward``, csrc/mlp_unroll.h): the same maths, with the K steps' trajectory in a
-    few ``[K, ...]`` tensors instead of ~70 torch calls per step, and the matrix products on
-    torch's own BLAS. Taken by :meth:`maybe` for a ReLU MLP on the CPU in float32/float64 with
-    equal batches and the native step kernels; the Python loop runs everything else, and the
-    tests compare the two."""
-
-    def __init__(self, plan: _UnrollPlan, theta: torch.Tensor, buffer: torch.Tensor | None,
-                 kernels: tl.StepKernels, gemm: int) -> None:
-        spec, layout = plan.spec, plan.spec.layout
-        steps, batch = len(plan.batches), plan.batches[0][0].shape[0]
-        self.theta0 = theta.detach().contiguous()
-        self.buffer0 = None if buffer is None else buffer.detach().contiguous()
-        self.x = torch.stack([x for x, _ in plan.batches])
-        self.y = torch.stack([y for _, y in plan.batches])
-        n = self.theta0.shape[0]
-        self.thetas, self.buffers, self.grads = (self.theta0.new_empty((steps, n))
-                                                 for _ in range(3))
-        self.hs = [self.theta0.new_empty((steps, batch, ly.out_features))
-                   for ly in spec.layers[:-1]]
-        self.deltas = [self.theta0.new_empty((steps, batch, ly.out_features))
-                       for ly in spec.layers]
-        self.q = self.theta0.new_empty((steps, batch, spec.layers[-1].out_features))
-        entries = layout.entries
-        layers = []
-        for ly in spec.layers:
-            layers += [entries[ly.weight].offset,
-                       -1 if ly.bias is None else entries[ly.bias].offset,
-                       ly.in_features, ly.out_features]
-        self.kernels = kernels
-        self.needs_param = plan.first.needs_param
-        self.args = [
-            gemm, layers, self.theta0.data_ptr(), tl._ptr(self.buffer0), self.x.data_ptr(),
-            self.y.data_ptr(), steps, batch, self.thetas.data_ptr(), self.buffers.data_ptr(),
-            self.grads.data_ptr(), [h.data_ptr() for h in self.hs],
-            [d.data_ptr() for d in self.deltas], self.q.data_ptr(), n,
-            tl.DTYPE_CODES[self.theta0.dtype], kernels.table.data_ptr(),
-            tl._ptr(kernels.lr_elem), kernels.lr_stride,
-            float(plan.first.flags.get("step", 0)), SGD_RULE.flags(plan.first),
-            SGD_RULE.flags(plan.later),
-        ]
-
-    @classmethod
-    def maybe(cls, plan: _UnrollPlan, theta: torch.Tensor, buffer: torch.Tensor | None,
-              kernels: tl.StepKernels | None) -> _NativeUnroll | None:
-        """The native unroll where it applies, else None (the Python loop)."""
-        if (kernels is None or kernels.impl is not Impl.NATIVE or theta.device.type != "cpu"
-                or theta.dim() != 1 or theta.numel() == 0 or not relu_only(plan.spec)
-                or sys.byteorder != "little"  # see GemmFn in csrc/mlp_unroll.h
-                or any(ly.in_features == 0 or ly.out_features == 0 for ly in plan.spec.layers)
-                or not hasattr(native(), "mlp_unroll_forward")):  # None, or an older build
-            return None
-        gemm = torch_blas_gemm(theta.dtype)
-        if gemm is None:
-            return None
-        x0, y0 = plan.batches[0]
-        if any(x.shape != x0.shape or y.shape != y0.shape for x, y in plan.batches):
-            return None
-        return cls(plan, theta, buffer, kernels, gemm)
-
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs the K steps: ``(θ_K, b_K)`` (new tensors)."""
-        native().mlp_unroll_forward(*self.args)
-        return self.thetas[-1].clone(), self.buffers[-1].clone()
-
-    def backward(self, theta_bar: torch.Tensor | None, buffer_bar: torch.Tensor | None,
-                 d_lr: torch.Tensor | None, d_tables: torch.Tensor, want_theta0: bool,
-                 want_buffer0: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """From ``(θ̄_K, b̄_K)`` to ``(θ̄_0, b̄_0)`` (None where not wanted); adds the
-        per-element lr's gradient to ``d_lr`` and writes each step's row of ``d_tables``."""
-        theta_bar = None if theta_bar is None else theta_bar.contiguous()
-        buffer_bar = None if buffer_bar is None else buffer_bar.contiguous()
-        theta_bar0 = torch.empty_like(self.theta0) if want_theta0 else None
-        buffer_bar0 = torch.empty_like(self.theta0) if want_buffer0 else None
-        native().mlp_unroll_backward(
-            *self.args, self.needs_param, tl._ptr(theta_bar), tl._ptr(buffer_bar),
-            tl._ptr(d_lr), d_tables.data_ptr(), d_tables.shape[1], tl._ptr(theta_bar0),
-            tl._ptr(buffer_bar0))
-        return theta_bar0, buffer_bar0
 
 
 def unrolled_validation_loss_reference(

@@ -17,6 +17,7 @@ from fastmeta.backends import Impl
 from fastmeta.cli import main
 from fastmeta.flat import FlatLayout
 from fastmeta.fused_mlp import UnsupportedModel
+from fastmeta.ops import mlp_unroll
 from tests.conftest import impl_param
 
 # The issue's bound for the hypergradient against the eager implementation, in float64.
@@ -255,13 +256,13 @@ def test_mlp_path_takes_numbers_and_no_weight_decay(impl):
 def _spy_native_unroll(monkeypatch) -> list[int]:
     """Counts the native unroll's forward calls."""
     calls: list[int] = []
-    forward = hpo._NativeUnroll.forward
+    forward = mlp_unroll.NativeMLPUnroll.forward
 
     def counted(self):
         calls.append(1)
         return forward(self)
 
-    monkeypatch.setattr(hpo._NativeUnroll, "forward", counted)
+    monkeypatch.setattr(mlp_unroll.NativeMLPUnroll, "forward", counted)
     return calls
 
 
@@ -301,7 +302,7 @@ def _native_and_python(monkeypatch, make_model, dtype, *, in_features=5, batch_s
                   if isinstance(t, torch.Tensor) and t.requires_grad]
         grads = torch.autograd.grad(val_loss + (probe * buffer_k).sum(), inputs)
         results.append([val_loss.detach(), theta_k.detach(), buffer_k.detach(), *grads])
-        monkeypatch.setattr(hpo, "torch_blas_gemm", lambda dtype: None)  # then the loop
+        monkeypatch.setattr(mlp_unroll, "torch_blas_gemm", lambda dtype: None)  # then the loop
     assert len(calls) == 1, "the native unroll must run once, for the first unroll only"
     return results
 
@@ -314,7 +315,7 @@ def _assert_native_matches(results, dtype):
 
 
 def _skip_without_blas(dtype):
-    if hpo.torch_blas_gemm(dtype) is None:
+    if backends.torch_blas_gemm(dtype) is None:
         pytest.skip("torch's library exports no BLAS gemm here")
 
 
@@ -371,7 +372,7 @@ def test_native_unroll_diverges_as_the_python_loop_does(monkeypatch):
 def test_native_unroll_takes_numbers_and_no_weight_decay(monkeypatch):
     """Scalar lr (no per-element lr gradient), weight decay the number 0 (θ̄ passes through
     the step), and only θ_0's and b_0's gradients asked for."""
-    if hpo.torch_blas_gemm(torch.float64) is None:
+    if backends.torch_blas_gemm(torch.float64) is None:
         pytest.skip("torch's library exports no BLAS gemm here")
     model, layout, batches, val, state, _, _ = _mlp_problem(MLP_MODELS["relu"], torch.float64)
     calls = _spy_native_unroll(monkeypatch)
@@ -384,7 +385,7 @@ def test_native_unroll_takes_numbers_and_no_weight_decay(monkeypatch):
             fused_model=True)
         grads = torch.autograd.grad(val_loss + buffer_k.sum(), [theta, buffer])
         results.append([val_loss.detach(), theta_k.detach(), buffer_k.detach(), *grads])
-        monkeypatch.setattr(hpo, "torch_blas_gemm", lambda dtype: None)
+        monkeypatch.setattr(mlp_unroll, "torch_blas_gemm", lambda dtype: None)
     assert len(calls) == 1
     for a, e in zip(*results):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12 * float(e.abs().max()))
@@ -414,11 +415,11 @@ def test_native_unroll_leaves_the_rest_to_the_python_loop(case, monkeypatch):
 
 def test_torch_blas_gemm_is_found_or_none(monkeypatch):
     for dtype in (torch.float32, torch.float64):
-        address = hpo.torch_blas_gemm(dtype)
+        address = backends.torch_blas_gemm(dtype)
         assert address is None or (isinstance(address, int) and address > 0)
-    assert hpo.torch_blas_gemm(torch.float16) is None
+    assert backends.torch_blas_gemm(torch.float16) is None
     monkeypatch.setenv("FASTMETA_NO_TORCH_BLAS", "1")
-    assert hpo.torch_blas_gemm(torch.float32) is None
+    assert backends.torch_blas_gemm(torch.float32) is None
 
 
 @pytest.mark.parametrize("fused_model", [None, True, False])
