@@ -35,6 +35,12 @@ namespace {
 constexpr int64_t kChunkElements = 16384;
 // Below this many elements in a whole call, waking the OpenMP team costs more than it saves.
 constexpr int64_t kMinParallelElements = 32768;
+// The same for SGD-HD, which wakes the team twice per step (the dot product, then the update)
+// for little work per element. On the conv-4 network's 113k elements (2-core AVX-512 VM) a step
+// took 42 µs on one thread in every one of 14 fresh processes, and 37–107 µs on two depending on
+// the process (37, 43–45, ~50, once 104 µs), so the bench's 3x over torch held only in some.
+// (Adam-HD does several times the arithmetic per element and keeps kMinParallelElements.)
+constexpr int64_t kMinParallelSgdHdElements = 262144;
 
 struct KernelTable {
   const char* name;
@@ -131,7 +137,8 @@ void* ptr_at(const Ptrs& list, size_t i) {
 // dealt out statically, left one thread with twice the other's work and 2 threads no faster
 // than 1.
 template <typename Body>
-void for_each_chunk(const std::vector<int64_t>& numels, Body body) {
+void for_each_chunk(const std::vector<int64_t>& numels, Body body,
+                    int64_t min_parallel = kMinParallelElements) {
   int64_t total = 0;
   for (const int64_t n : numels) total += n;
   auto run_range = [&](int64_t lo, int64_t hi) {
@@ -143,7 +150,7 @@ void for_each_chunk(const std::vector<int64_t>& numels, Body body) {
       start = end;
     }
   };
-  if (total < kMinParallelElements || max_threads() == 1) {
+  if (total < min_parallel || max_threads() == 1) {
     run_range(0, total);
     return;
   }
@@ -287,13 +294,14 @@ std::vector<Chunk> fixed_chunks(const std::vector<int64_t>& numels) {
 }
 
 template <typename Dot>
-double ordered_dot(const std::vector<int64_t>& numels, Dot dot) {
+double ordered_dot(const std::vector<int64_t>& numels, Dot dot,
+                   int64_t min_parallel = kMinParallelElements) {
   const std::vector<Chunk> chunks = fixed_chunks(numels);
   std::vector<double> partial(chunks.size(), 0.0);
   const int64_t count = static_cast<int64_t>(chunks.size());
   int64_t total = 0;
   for (const int64_t n : numels) total += n;
-  if (total < kMinParallelElements || max_threads() == 1) {
+  if (total < min_parallel || max_threads() == 1) {
     for (int64_t c = 0; c < count; ++c) partial[c] = dot(chunks[c]);
   } else {
 #pragma omp parallel for schedule(static)
@@ -330,13 +338,13 @@ std::pair<double, double> sgd_hd_step(const Ptrs& params, const Ptrs& grads,
     return k.hd_dot(ptr_at(params, c.tensor), ptr_at(grads, c.tensor),
                     ptr_at(directions, c.tensor), static_cast<DType>(dtypes[c.tensor]), c.begin,
                     c.len, weight_decay, maximize);
-  });
+  }, kMinParallelSgdHdElements);
   args.lr = lr + hypergrad_lr * dot;
   for_each_chunk(numels, [&](int64_t t, int64_t begin, int64_t len) {
     const SgdTensor tensor{ptr_at(params, t), ptr_at(grads, t), ptr_at(momentum_buffers, t),
                            ptr_at(directions, t)};
     k.sgd(tensor, static_cast<DType>(dtypes[t]), begin, len, args);
-  });
+  }, kMinParallelSgdHdElements);
   return {-dot, args.lr};
 }
 
