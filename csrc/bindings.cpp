@@ -535,6 +535,7 @@ void batched_backward(BackwardKernel kernel, int num_hypers, int64_t param, int6
 // hidden layers, deltas[l] [K, B, d_l] for every layer, q [K, B, C].
 
 struct Unroll {
+  int64_t gemm;  // the BLAS ?gemm_ of the dtype
   std::vector<mlp::Layer> layers;
   int64_t theta0, buffer0, x, y, steps, batch, thetas, buffers, grads, q, numel;
   Ptrs hs, deltas;
@@ -578,13 +579,15 @@ struct Unroll {
   }
 };
 
-Unroll make_unroll(const std::vector<int64_t>& layers, int64_t theta0, int64_t buffer0,
+Unroll make_unroll(int64_t gemm, const std::vector<int64_t>& layers, int64_t theta0,
+                   int64_t buffer0,
                    int64_t x, int64_t y, int64_t steps, int64_t batch, int64_t thetas,
                    int64_t buffers, int64_t grads, const Ptrs& hs, const Ptrs& deltas,
                    int64_t q, int64_t numel, int dtype, int64_t hyper, int64_t lr,
                    int64_t lr_stride, double step, int flags_first, int flags_later) {
   if (!mlp::kLittleEndian)
     throw std::runtime_error("the MLP unroll runs on little-endian CPUs only (see GemmFn)");
+  if (gemm == 0) throw std::invalid_argument("gemm: the BLAS ?gemm_ address is null");
   if (layers.empty() || layers.size() % 4 != 0)
     throw std::invalid_argument("layers: (weight, bias, d_in, d_out) per layer");
   for (size_t i = 0; i < layers.size(); i += 4)
@@ -593,6 +596,7 @@ Unroll make_unroll(const std::vector<int64_t>& layers, int64_t theta0, int64_t b
   if (dtype != kFloat32 && dtype != kFloat64)
     throw std::invalid_argument("dtype: the MLP unroll runs on float32 or float64");
   Unroll u;
+  u.gemm = gemm;
   for (size_t i = 0; i < layers.size(); i += 4)
     u.layers.push_back({layers[i], layers[i + 1], layers[i + 2], layers[i + 3]});
   const size_t L = u.layers.size();
@@ -1093,51 +1097,48 @@ PYBIND11_MODULE(_C, m) {
         py::arg("hidden"), py::arg("dtype"), py::arg("p"), py::arg("output_scale"),
         "VJP of lstm_rule_forward; weight_grads[k] receives the gradient of weight k (in the "
         "weights' dtype; 0 or an empty list: not wanted), summed in float64 in a fixed order.");
-  m.def("mlp_unroll_forward",
-        [](int64_t gemm, const std::vector<int64_t>& layers, int64_t theta0, int64_t buffer0,
-           int64_t x, int64_t y, int64_t steps, int64_t batch, int64_t thetas, int64_t buffers,
-           int64_t grads, const Ptrs& hs, const Ptrs& deltas, int64_t q, int64_t numel,
-           int dtype, int64_t hyper, int64_t lr, int64_t lr_stride, double step,
-           int flags_first, int flags_later) {
-          if (gemm == 0) throw std::invalid_argument("gemm: the BLAS ?gemm_ address is null");
-          const Unroll u = make_unroll(layers, theta0, buffer0, x, y, steps, batch, thetas,
-                                       buffers, grads, hs, deltas, q, numel, dtype, hyper, lr,
-                                       lr_stride, step, flags_first, flags_later);
-          py::gil_scoped_release no_gil;
-          if (dtype == kFloat64)
-            mlp_unroll_forward_typed<double>(u, reinterpret_cast<mlp::GemmFn<double>>(gemm));
-          else
-            mlp_unroll_forward_typed<float>(u, reinterpret_cast<mlp::GemmFn<float>>(gemm));
-        },
-        "K momentum-SGD steps of a ReLU MLP on cross-entropy, keeping the trajectory "
-        "(fastmeta/hpo.py; csrc/mlp_unroll.h).");
-  m.def("mlp_unroll_backward",
-        [](int64_t gemm, const std::vector<int64_t>& layers, int64_t theta0, int64_t buffer0,
-           int64_t x, int64_t y, int64_t steps, int64_t batch, int64_t thetas, int64_t buffers,
-           int64_t grads, const Ptrs& hs, const Ptrs& deltas, int64_t q, int64_t numel,
-           int dtype, int64_t hyper, int64_t lr, int64_t lr_stride, double step,
-           int flags_first, int flags_later, bool needs_param, int64_t theta_bar,
-           int64_t buffer_bar, int64_t d_lr, int64_t d_tables, int num_hypers,
-           int64_t theta_bar0, int64_t buffer_bar0) {
-          if (gemm == 0) throw std::invalid_argument("gemm: the BLAS ?gemm_ address is null");
-          if (d_tables == 0) throw std::invalid_argument("d_tables must not be null");
-          if (num_hypers < 1 || num_hypers > kMaxHypers)
-            throw std::invalid_argument("num_hypers must be in [1, kMaxHypers]");
-          if ((lr == 0) != (d_lr == 0)) throw std::invalid_argument("lr and d_lr go together");
-          const Unroll u = make_unroll(layers, theta0, buffer0, x, y, steps, batch, thetas,
-                                       buffers, grads, hs, deltas, q, numel, dtype, hyper, lr,
-                                       lr_stride, step, flags_first, flags_later);
-          py::gil_scoped_release no_gil;
-          if (dtype == kFloat64)
-            mlp_unroll_backward_typed<double>(u, reinterpret_cast<mlp::GemmFn<double>>(gemm),
-                                              needs_param, theta_bar, buffer_bar, d_lr,
-                                              d_tables, num_hypers, theta_bar0, buffer_bar0);
-          else
-            mlp_unroll_backward_typed<float>(u, reinterpret_cast<mlp::GemmFn<float>>(gemm),
-                                             needs_param, theta_bar, buffer_bar, d_lr,
-                                             d_tables, num_hypers, theta_bar0, buffer_bar0);
-        },
-        "The reverse pass of mlp_unroll_forward: step VJPs and Hessian-vector products.");
+  py::class_<Unroll>(m, "MlpUnroll",
+                     "K momentum-SGD steps of a ReLU MLP on cross-entropy and their reverse pass "
+                     "over tensors that Python allocated (fastmeta/ops/mlp_unroll.py; "
+                     "csrc/mlp_unroll.h). Holds their addresses, not the tensors.")
+      .def(py::init(&make_unroll), py::arg("gemm"), py::arg("layers"), py::arg("theta0"),
+           py::arg("buffer0"), py::arg("x"), py::arg("y"), py::arg("steps"), py::arg("batch"),
+           py::arg("thetas"), py::arg("buffers"), py::arg("grads"), py::arg("hs"),
+           py::arg("deltas"), py::arg("q"), py::arg("numel"), py::arg("dtype"),
+           py::arg("hyper"), py::arg("lr"), py::arg("lr_stride"), py::arg("step"),
+           py::arg("flags_first"), py::arg("flags_later"))
+      .def("forward",
+           [](const Unroll& u) {
+             py::gil_scoped_release no_gil;
+             if (u.dtype == kFloat64)
+               mlp_unroll_forward_typed<double>(u, reinterpret_cast<mlp::GemmFn<double>>(u.gemm));
+             else
+               mlp_unroll_forward_typed<float>(u, reinterpret_cast<mlp::GemmFn<float>>(u.gemm));
+           },
+           "Runs the K steps, writing the trajectory.")
+      .def("backward",
+           [](const Unroll& u, bool needs_param, int64_t theta_bar, int64_t buffer_bar,
+              int64_t d_lr, int64_t d_tables, int num_hypers, int64_t theta_bar0,
+              int64_t buffer_bar0) {
+             if (d_tables == 0) throw std::invalid_argument("d_tables must not be null");
+             if (num_hypers < 1 || num_hypers > kMaxHypers)
+               throw std::invalid_argument("num_hypers must be in [1, kMaxHypers]");
+             if ((u.lr == 0) != (d_lr == 0))
+               throw std::invalid_argument("lr and d_lr go together");
+             py::gil_scoped_release no_gil;
+             if (u.dtype == kFloat64)
+               mlp_unroll_backward_typed<double>(
+                   u, reinterpret_cast<mlp::GemmFn<double>>(u.gemm), needs_param, theta_bar,
+                   buffer_bar, d_lr, d_tables, num_hypers, theta_bar0, buffer_bar0);
+             else
+               mlp_unroll_backward_typed<float>(
+                   u, reinterpret_cast<mlp::GemmFn<float>>(u.gemm), needs_param, theta_bar,
+                   buffer_bar, d_lr, d_tables, num_hypers, theta_bar0, buffer_bar0);
+           },
+           py::arg("needs_param"), py::arg("theta_bar"), py::arg("buffer_bar"), py::arg("d_lr"),
+           py::arg("d_tables"), py::arg("num_hypers"), py::arg("theta_bar0"),
+           py::arg("buffer_bar0"),
+           "The reverse pass of forward: step VJPs and Hessian-vector products.");
   m.def("stream", &stream, py::arg("streams"), py::arg("num_writes"), py::arg("numels"),
         "Memory-roofline probe: streams[s] lists the addresses of stream s's float32 tensors "
         "(numels[t] elements for tensor t); reads every stream and writes the first num_writes "

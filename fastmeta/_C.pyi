@@ -197,3 +197,17 @@ def lstm_rule_backward(grad: int, state: list[int], weights: list[int], grad_upd
                        grad_state_out: list[int], grad_grad: int, grad_state: list[int],
                        weight_grads: list[int], n: int, hidden: int, dtype: int, p: float,
                        output_scale: float) -> None: ...
+
+class MlpUnroll:
+    """K momentum-SGD steps of a ReLU MLP (csrc/mlp_unroll.h; fastmeta/ops/mlp_unroll.py).
+    ``gemm`` is the address of the BLAS ``sgemm_``/``dgemm_`` of ``dtype``; ``layers`` holds
+    (weight offset, bias offset or -1, d_in, d_out) per layer."""
+
+    def __init__(self, gemm: int, layers: list[int], theta0: int, buffer0: int, x: int, y: int,
+                 steps: int, batch: int, thetas: int, buffers: int, grads: int,
+                 hs: list[int], deltas: list[int], q: int, numel: int, dtype: int, hyper: int,
+                 lr: int, lr_stride: int, step: float, flags_first: int,
+                 flags_later: int) -> None: ...
+    def forward(self) -> None: ...
+    def backward(self, needs_param: bool, theta_bar: int, buffer_bar: int, d_lr: int,
+                 d_tables: int, num_hypers: int, theta_bar0: int, buffer_bar0: int) -> None: ...

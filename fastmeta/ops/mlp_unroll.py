@@ -25,7 +25,7 @@ __all__ = ["NativeMLPUnroll"]
 
 class NativeMLPUnroll:
     """K momentum-SGD training steps of a ReLU MLP on cross-entropy, and their reverse pass, as
-    two native calls (``fastmeta._C.mlp_unroll_forward`` and ``_backward``,
+    two native calls (``fastmeta._C.MlpUnroll.forward`` and ``.backward``,
     csrc/mlp_unroll.h): the loop of :class:`fastmeta.hpo._UnrolledMLP` with the same maths,
     the K steps' trajectory in a few ``[K, ...]`` tensors instead of ~70 torch calls per step,
     and the matrix products on torch's own BLAS. :meth:`maybe` takes it for a ReLU MLP on the
@@ -57,7 +57,7 @@ class NativeMLPUnroll:
                        ly.in_features, ly.out_features]
         self.kernels = kernels
         self.needs_param = first.needs_param
-        self.args = [
+        self.native = native().MlpUnroll(
             gemm, layers, self.theta0.data_ptr(), tl._ptr(self.buffer0), self.x.data_ptr(),
             self.y.data_ptr(), steps, batch, self.thetas.data_ptr(), self.buffers.data_ptr(),
             self.grads.data_ptr(), [h.data_ptr() for h in self.hs],
@@ -65,7 +65,7 @@ class NativeMLPUnroll:
             tl.DTYPE_CODES[self.theta0.dtype], kernels.table.data_ptr(),
             tl._ptr(kernels.lr_elem), kernels.lr_stride,
             float(first.flags.get("step", 0)), SGD_RULE.flags(first), SGD_RULE.flags(later),
-        ]
+        )
 
     @classmethod
     def maybe(cls, spec: MLPSpec, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -80,7 +80,7 @@ class NativeMLPUnroll:
                 or theta.dim() != 1 or theta.numel() == 0 or not relu_only(spec)
                 or sys.byteorder != "little"  # see GemmFn in csrc/mlp_unroll.h
                 or any(ly.in_features == 0 or ly.out_features == 0 for ly in spec.layers)
-                or not hasattr(native(), "mlp_unroll_forward")):  # None, or an older build
+                or not hasattr(native(), "MlpUnroll")):  # None, or an older build
             return None
         gemm = torch_blas_gemm(theta.dtype)
         if gemm is None:
@@ -92,7 +92,7 @@ class NativeMLPUnroll:
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the K steps: ``(θ_K, b_K)`` (new tensors)."""
-        native().mlp_unroll_forward(*self.args)
+        self.native.forward()
         return self.thetas[-1].clone(), self.buffers[-1].clone()
 
     def backward(self, theta_bar: torch.Tensor | None, buffer_bar: torch.Tensor | None,
@@ -104,8 +104,8 @@ class NativeMLPUnroll:
         buffer_bar = None if buffer_bar is None else buffer_bar.contiguous()
         theta_bar0 = torch.empty_like(self.theta0) if want_theta0 else None
         buffer_bar0 = torch.empty_like(self.theta0) if want_buffer0 else None
-        native().mlp_unroll_backward(
-            *self.args, self.needs_param, tl._ptr(theta_bar), tl._ptr(buffer_bar),
+        self.native.backward(
+            self.needs_param, tl._ptr(theta_bar), tl._ptr(buffer_bar),
             tl._ptr(d_lr), d_tables.data_ptr(), d_tables.shape[1], tl._ptr(theta_bar0),
             tl._ptr(buffer_bar0))
         return theta_bar0, buffer_bar0
