@@ -37,8 +37,8 @@ constexpr int64_t kChunkElements = 16384;
 constexpr int64_t kMinParallelElements = 32768;
 // The same for SGD-HD, which wakes the team twice per step (the dot product, then the update)
 // for little work per element. On the conv-4 network's 113k elements (2-core AVX-512 VM) a step
-// took 42 µs on one thread in every one of 14 fresh processes, and 37–107 µs on two depending on
-// the process (37, 43–45, ~50, once 104 µs), so the bench's 3x over torch held only in some.
+// took 41–43 µs on one thread in 19 of 20 fresh processes (once 57 µs), and 37–104 µs on two
+// depending on the process (37, 43–45, ~50, once 104 µs): the bench's 3x held only in some.
 // (Adam-HD does several times the arithmetic per element and keeps kMinParallelElements.)
 constexpr int64_t kMinParallelSgdHdElements = 262144;
 
@@ -528,7 +528,7 @@ void batched_backward(BackwardKernel kernel, int num_hypers, int64_t param, int6
   run_backward(kernel, num_hypers, s, base, static_cast<double*>(as_ptr(hyper_grad)), dtype);
 }
 
-// ---- K momentum-SGD steps of a ReLU MLP (fastmeta/hpo.py, csrc/mlp_unroll.h) ---------------
+// ---- K momentum-SGD steps of a ReLU MLP (fastmeta/ops/mlp_unroll.py, csrc/mlp_unroll.h) -----
 // Python has checked everything: one CPU device and dtype, contiguous tensors, equal batches,
 // labels in range, the layers' offsets inside θ. The trajectory lives in Python's tensors:
 // thetas/buffers/grads [K, N] (θ_1..θ_K, b_1..b_K, g_0..g_{K-1}), hs[l] [K, B, d_l] for the
