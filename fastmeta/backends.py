@@ -255,7 +255,8 @@ def trace() -> Iterator[list[tuple[str, Impl]]]:
 
 
 def available() -> dict[str, Any]:
-    """What this install can run: the native extension and its ISA, Triton, CUDA."""
+    """What this install can run: the native extension and its ISA, Triton, CUDA, and whether
+    native code can call torch's BLAS."""
     module = native()
     triton_ok = _triton_importable()
     triton_version = None
@@ -273,4 +274,7 @@ def available() -> dict[str, Any]:
         "triton_interpreted": triton_interpreted(),
         "cuda": torch.cuda.is_available(),
         "impl_override": os.environ.get(IMPL_ENV_VAR) or None,
+        # torch's BLAS, which the native MLP unroll of fastmeta.hpo calls (None: not found or
+        # FASTMETA_NO_TORCH_BLAS=1, and that unroll runs its Python loop).
+        "torch_blas": torch_blas_gemm(torch.float32) is not None,
     }

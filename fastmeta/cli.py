@@ -45,6 +45,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("triton interpreter", "on (TRITON_INTERPRET=1)" if info["triton_interpreted"] else "off"),
         ("cuda", torch.cuda.get_device_name(0) if info["cuda"] else "not available"),
         ("FASTMETA_IMPL", info["impl_override"] or "unset (auto)"),
+        ("torch BLAS from native",
+         "found (the HPO unroll of a ReLU MLP is native)" if info["torch_blas"]
+         else "not used (the HPO unroll runs its Python loop)"),
     ]
     impls = ["reference"]
     if info["native"]:

@@ -114,7 +114,8 @@ def test_auto_on_other_devices_uses_reference(monkeypatch):
 
 def test_available_reports_every_field():
     info = backends.available()
-    for key in ("native", "isa", "native_threads", "triton", "cuda", "triton_interpreted"):
+    for key in ("native", "isa", "native_threads", "triton", "cuda", "triton_interpreted",
+                "torch_blas"):
         assert key in info
     assert info["cuda"] == torch.cuda.is_available()
     if info["native"]:
@@ -160,3 +161,19 @@ def test_forcing_an_isa_the_build_lacks_is_refused():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode != 0
     assert "FASTMETA_CPU_ISA=sse9" in res.stderr
+
+
+def test_available_reports_torch_blas_off_when_asked(monkeypatch):
+    monkeypatch.setenv("FASTMETA_NO_TORCH_BLAS", "1")
+    assert backends.available()["torch_blas"] is False
+
+
+def test_fastmeta_info_says_whether_native_code_uses_torchs_blas(monkeypatch, capsys):
+    from fastmeta.cli import main
+
+    assert main(["info"]) == 0
+    found = backends.torch_blas_gemm(torch.float32) is not None
+    assert ("found" if found else "not used") in capsys.readouterr().out
+    monkeypatch.setenv("FASTMETA_NO_TORCH_BLAS", "1")
+    assert main(["info"]) == 0
+    assert "torch BLAS from native  not used" in capsys.readouterr().out
