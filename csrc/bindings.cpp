@@ -439,6 +439,7 @@ BatchedStep make_step(int64_t param, int64_t grad, const Ptrs& states, int64_t t
   s.lr_task_stride = lr_task_stride;
   s.step = step;
   s.flags = flags;
+  s.zeros = zero_block(std::min(chunk_columns(tasks), std::max<int64_t>(numel, 1)));
   return s;
 }
 
@@ -494,7 +495,6 @@ void batched_forward(ForwardKernel kernel, int64_t param, int64_t grad, const Pt
                             step, flags);
   check_list(states_out, states.size(), "states_out", false);
   if (param_out == 0) throw std::invalid_argument("param_out must not be null");
-  s.zeros = zero_block(std::min(chunk_columns(tasks), std::max<int64_t>(numel, 1)));
   s.param_out = as_ptr(param_out);
   for (size_t i = 0; i < states_out.size(); ++i) s.state_out[i] = as_ptr(states_out[i]);
   py::gil_scoped_release no_gil;
@@ -509,7 +509,6 @@ void batched_backward(BackwardKernel kernel, int num_hypers, int64_t param, int6
                       int flags) {
   BatchedStep s = make_step(param, grad, states, tasks, numel, dtype, hyper, lr, lr_task_stride,
                             step, flags);
-  s.zeros = zero_block(std::min(chunk_columns(tasks), std::max<int64_t>(numel, 1)));
   check_list(grad_states_out, states.size(), "grad_states_out", false);
   check_list(grad_states, states.size(), "grad_states", false);
   // grad_param and grad_grad may be null: that gradient is not wanted and is not written.
@@ -544,38 +543,32 @@ struct Unroll {
   double step;
   int flags_first, flags_later;
 
-  int64_t n_bytes() const { return dtype == kFloat64 ? 8 : 4; }
-  template <typename T>
-  const T* theta(int64_t k) const {  // θ_k
-    return static_cast<const T*>(as_ptr(k == 0 ? theta0 : thetas + (k - 1) * numel * n_bytes()));
+  // Addresses of θ_k and b_k (b_0 may be 0: no starting buffer); row k - 1 of thetas/buffers.
+  int64_t theta_address(int64_t k) const { return k == 0 ? theta0 : row(thetas, k - 1); }
+  int64_t buffer_address(int64_t k) const { return k == 0 ? buffer0 : row(buffers, k - 1); }
+  int64_t row(int64_t base, int64_t i) const {
+    return base + i * numel * (dtype == kFloat64 ? 8 : 4);
   }
   template <typename T>
-  const T* buffer(int64_t k) const {  // b_k, nullptr at k = 0 without a starting buffer
-    if (k == 0) return static_cast<const T*>(as_ptr(buffer0));
-    return static_cast<const T*>(as_ptr(buffers + (k - 1) * numel * n_bytes()));
-  }
+  const T* theta(int64_t k) const { return static_cast<const T*>(as_ptr(theta_address(k))); }
   template <typename T>
   mlp::Tape<T> tape(int64_t k) const {
     mlp::Tape<T> t;
     const int64_t L = static_cast<int64_t>(layers.size());
     t.h.resize(static_cast<size_t>(L));
     t.delta.resize(static_cast<size_t>(L + 1));
-    t.h[0] = static_cast<const T*>(as_ptr(x)) + k * batch * layers[0].d_in;
+    t.x = static_cast<const T*>(as_ptr(x)) + k * batch * layers[0].d_in;
     for (int64_t l = 1; l < L; ++l)
-      t.h[l] = static_cast<const T*>(as_ptr(hs[l - 1])) + k * batch * layers[l - 1].d_out;
+      t.h[l] = static_cast<T*>(as_ptr(hs[l - 1])) + k * batch * layers[l - 1].d_out;
     for (int64_t l = 1; l <= L; ++l)
       t.delta[l] = static_cast<T*>(as_ptr(deltas[l - 1])) + k * batch * layers[l - 1].d_out;
     t.q = static_cast<T*>(as_ptr(q)) + k * batch * layers.back().d_out;
     return t;
   }
   BatchedStep step_at(int64_t k, const void* grad) const {
-    const void* b = k == 0 ? as_ptr(buffer0) : as_ptr(buffers + (k - 1) * numel * n_bytes());
-    BatchedStep s = make_step(k == 0 ? theta0 : thetas + (k - 1) * numel * n_bytes(),
-                              reinterpret_cast<intptr_t>(grad),
-                              Ptrs{reinterpret_cast<intptr_t>(b)}, 1, numel, dtype, hyper, lr,
-                              lr_stride, step, k == 0 ? flags_first : flags_later);
-    s.zeros = zero_block(std::min(chunk_columns(1), std::max<int64_t>(numel, 1)));
-    return s;
+    return make_step(theta_address(k), reinterpret_cast<intptr_t>(grad), Ptrs{buffer_address(k)},
+                     1, numel, dtype, hyper, lr, lr_stride, step,
+                     k == 0 ? flags_first : flags_later);
   }
 };
 
@@ -649,7 +642,7 @@ void mlp_unroll_backward_typed(const Unroll& u, mlp::GemmFn<T> gemm, bool needs_
   int next = 0;
   for (int64_t k = u.steps - 1; k >= 0; --k) {
     const bool want_theta = k > 0 || theta_bar0 != 0;
-    const bool has_buffer = u.buffer<T>(k) != nullptr;
+    const bool has_buffer = u.buffer_address(k) != 0;
     const bool want_buffer = has_buffer && (k > 0 || buffer_bar0 != 0);
     const T* grad = static_cast<const T*>(as_ptr(u.grads)) + k * u.numel;
     BatchedStep s = u.step_at(k, grad);

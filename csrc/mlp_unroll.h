@@ -59,13 +59,15 @@ struct Layer {
   int64_t weight, bias, d_in, d_out;
 };
 
-// Where one step's tape lives (all row-major, batch-major): h[l] for l = 1..L-1 ([B, d_l]),
-// delta[l] for l = 1..L ([B, d_l]), q ([B, C]). Index 0 of h is the input batch x.
+// Where one step's tape lives (all row-major, batch-major): the input batch x ([B, d_0]),
+// h[l] for l = 1..L-1 ([B, d_l]), delta[l] for l = 1..L ([B, d_l]), q ([B, C]).
 template <typename T>
 struct Tape {
-  std::vector<const T*> h;   // size L: h[0] = x, h[l] = h_l
+  const T* x;
+  std::vector<T*> h;         // size L: h[l] = h_l, h[0] unused
   std::vector<T*> delta;     // size L + 1: delta[l], delta[0] unused
   T* q;
+  const T* input(int64_t l) const { return l == 0 ? x : h[l]; }  // h_l with h_0 = x
 };
 
 // rows x cols row-major: out[j] (+)= Σ_i m[i, j].
@@ -100,9 +102,9 @@ void loss_grad(const Blas<T>& blas, const std::vector<Layer>& layers, const T* t
   const int64_t L = static_cast<int64_t>(layers.size());
   for (int64_t l = 1; l <= L; ++l) {
     const Layer& ly = layers[l - 1];
-    T* out = l < L ? const_cast<T*>(tape.h[l]) : logits;
+    T* out = l < L ? tape.h[l] : logits;
     const T beta = fill_bias(out, ly.bias >= 0 ? theta + ly.bias : nullptr, batch, ly.d_out);
-    blas(false, true, batch, ly.d_out, ly.d_in, tape.h[l - 1], ly.d_in, theta + ly.weight,
+    blas(false, true, batch, ly.d_out, ly.d_in, tape.input(l - 1), ly.d_in, theta + ly.weight,
          ly.d_in, beta, out, ly.d_out);
     if (l < L)  // relu; NaN stays NaN, as torch.relu
       for (int64_t i = 0; i < batch * ly.d_out; ++i) out[i] = out[i] < T(0) ? T(0) : out[i];
@@ -128,13 +130,13 @@ void loss_grad(const Blas<T>& blas, const std::vector<Layer>& layers, const T* t
   }
   for (int64_t l = L; l >= 1; --l) {
     const Layer& ly = layers[l - 1];
-    blas(true, false, ly.d_out, ly.d_in, batch, tape.delta[l], ly.d_out, tape.h[l - 1],
+    blas(true, false, ly.d_out, ly.d_in, batch, tape.delta[l], ly.d_out, tape.input(l - 1),
          ly.d_in, T(0), grad + ly.weight, ly.d_in);
     if (ly.bias >= 0) column_sums(tape.delta[l], batch, ly.d_out, grad + ly.bias);
     if (l > 1) {
       blas(false, false, batch, ly.d_in, ly.d_out, tape.delta[l], ly.d_out, theta + ly.weight,
            ly.d_in, T(0), tape.delta[l - 1], ly.d_in);
-      relu_mask(tape.delta[l - 1], tape.h[l - 1], batch * ly.d_in);
+      relu_mask(tape.delta[l - 1], tape.input(l - 1), batch * ly.d_in);
     }
   }
 }
@@ -168,7 +170,7 @@ void hvp(const Blas<T>& blas, const std::vector<Layer>& layers, const T* theta,
     const Layer& ly = layers[l - 1];
     T* ra = s.ra[l].data();
     const T beta = fill_bias(ra, ly.bias >= 0 ? v + ly.bias : nullptr, batch, ly.d_out);
-    blas(false, true, batch, ly.d_out, ly.d_in, tape.h[l - 1], ly.d_in, v + ly.weight,
+    blas(false, true, batch, ly.d_out, ly.d_in, tape.input(l - 1), ly.d_in, v + ly.weight,
          ly.d_in, beta, ra, ly.d_out);
     if (l > 1)
       blas(false, true, batch, ly.d_out, ly.d_in, s.rh[l - 1].data(), ly.d_in,
@@ -192,7 +194,7 @@ void hvp(const Blas<T>& blas, const std::vector<Layer>& layers, const T* theta,
   }
   for (int64_t l = L; l >= 1; --l) {
     const Layer& ly = layers[l - 1];
-    blas(true, false, ly.d_out, ly.d_in, batch, r_delta, ly.d_out, tape.h[l - 1], ly.d_in,
+    blas(true, false, ly.d_out, ly.d_in, batch, r_delta, ly.d_out, tape.input(l - 1), ly.d_in,
          T(0), hv + ly.weight, ly.d_in);
     if (l > 1)
       blas(true, false, ly.d_out, ly.d_in, batch, tape.delta[l], ly.d_out, s.rh[l - 1].data(),
@@ -204,7 +206,7 @@ void hvp(const Blas<T>& blas, const std::vector<Layer>& layers, const T* theta,
            ly.d_in, T(0), next, ly.d_in);
       blas(false, false, batch, ly.d_in, ly.d_out, tape.delta[l], ly.d_out, v + ly.weight,
            ly.d_in, T(1), next, ly.d_in);
-      relu_mask(next, tape.h[l - 1], batch * ly.d_in);
+      relu_mask(next, tape.input(l - 1), batch * ly.d_in);
       std::swap(s.r_delta, s.r_delta_next);
       r_delta = s.r_delta.data();
     }

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import platform
 import sys
 import time
@@ -588,10 +587,9 @@ def console_main() -> NoReturn:
     """
     code = main()
     if _used_process_group:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError):  # a closed pipe must not skip the exit
-                stream.flush()
-        os._exit(code)
+        from fastmeta import distributed
+
+        distributed.exit_skipping_teardown(code)
     sys.exit(code)
 
 

@@ -55,10 +55,11 @@ import datetime
 import math
 import os
 import pickle
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -77,6 +78,7 @@ __all__ = [
     "broadcast_parameters",
     "check_same_config",
     "context",
+    "exit_skipping_teardown",
     "init",
     "is_initialized",
     "is_main_process",
@@ -564,3 +566,16 @@ def barrier() -> None:
     """Waits until every rank gets here (or raises :class:`DistributedError` on timeout)."""
     with _collective("barrier"):
         dist.barrier()
+
+
+def exit_skipping_teardown(code: int) -> NoReturn:
+    """Flushes stdout and stderr and ends the process with ``code`` through ``os._exit``,
+    skipping the interpreter's teardown: for a process that joined a process group and has
+    nothing left to do. With torch 2.13's gloo, the C++ teardown at interpreter exit sometimes
+    aborts ("terminate called without an active exception", exit -6) even after
+    ``destroy_process_group``, after failed collectives and successful runs alike (see
+    :func:`fastmeta.cli.console_main`)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # a closed pipe must not skip the exit
+            stream.flush()
+    os._exit(code)
