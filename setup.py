@@ -23,7 +23,7 @@ from setuptools.command.build_ext import build_ext
 # Files compiled once per ISA. bindings.cpp is compiled once, with the baseline flags.
 KERNEL_SOURCES = [
     "csrc/sgd.cpp", "csrc/adam.cpp", "csrc/adagrad.cpp", "csrc/rmsprop.cpp", "csrc/stream.cpp",
-    "csrc/lstm_rule.cpp", "csrc/hypergrad.cpp",
+    "csrc/lstm_rule.cpp", "csrc/hypergrad.cpp", "csrc/max_pool.cpp",
 ]
 # Flags for one kernel file only. The LSTM rule is mat-vec products: -std=c++17 (ISO mode)
 # turns GCC's FMA contraction off, which halves their throughput, so it is turned back on there.

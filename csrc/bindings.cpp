@@ -57,6 +57,9 @@ struct KernelTable {
   decltype(&generic::lstm_rule_backward_chunk) lstm_rule_backward;
   decltype(&generic::hd_dot_chunk) hd_dot;
   decltype(&generic::adam_hd_chunk) adam_hd;
+  decltype(&generic::max_pool_forward_planes) max_pool_forward;
+  decltype(&generic::max_pool_scatter_planes) max_pool_scatter;
+  decltype(&generic::max_pool_gather_planes) max_pool_gather;
 };
 
 #define FASTMETA_TABLE(ISA)                                                                     \
@@ -66,7 +69,8 @@ struct KernelTable {
         &ISA::adagrad_forward_chunk, &ISA::rmsprop_forward_chunk, &ISA::sgd_backward_chunk,     \
         &ISA::adam_backward_chunk, &ISA::adagrad_backward_chunk, &ISA::rmsprop_backward_chunk, \
         &ISA::lstm_rule_forward_chunk, &ISA::lstm_rule_backward_chunk, &ISA::hd_dot_chunk,      \
-        &ISA::adam_hd_chunk                                                                     \
+        &ISA::adam_hd_chunk, &ISA::max_pool_forward_planes, &ISA::max_pool_scatter_planes,      \
+        &ISA::max_pool_gather_planes                                                            \
   }
 
 bool cpu_supports(const std::string& isa) {
@@ -700,6 +704,71 @@ void stream(const std::vector<Ptrs>& streams, int num_writes, const std::vector<
 }
 
 
+// ---- Max-pooling over non-overlapping windows (csrc/max_pool.cpp, fastmeta/ops/max_pool.py) ---
+// Python has checked the tensors: contiguous [planes, height, width] input, outputs of the
+// right sizes, one CPU device and dtype, argmax uint8. Planes are shared out evenly between
+// threads; below kMinParallelElements input elements in all, one thread does the call.
+
+MaxPool make_max_pool(int64_t height, int64_t width, int64_t kernel_h, int64_t kernel_w) {
+  if (height < 0 || width < 0 || kernel_h < 1 || kernel_w < 1 || kernel_h * kernel_w > 255)
+    throw std::invalid_argument("max_pool: needs height, width >= 0 and 1 <= kernel_h * kernel_w "
+                                "<= 255");
+  return MaxPool{height, width, kernel_h, kernel_w, height / kernel_h, width / kernel_w};
+}
+
+template <typename Body>
+void for_each_plane_range(int64_t planes, int64_t plane_elements, Body body) {
+  if (planes * plane_elements < kMinParallelElements || max_threads() == 1 || planes < 2) {
+    body(int64_t{0}, planes);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel
+  {
+    const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t lo = planes * id / threads, hi = planes * (id + 1) / threads;
+    if (hi > lo) body(lo, hi - lo);
+  }
+#else
+  body(int64_t{0}, planes);
+#endif
+}
+
+void max_pool_forward(int64_t input, int64_t output, int64_t argmax, int dtype, int64_t planes,
+                      int64_t height, int64_t width, int64_t kernel_h, int64_t kernel_w) {
+  const MaxPool a = make_max_pool(height, width, kernel_h, kernel_w);
+  const auto kernel = kernels().max_pool_forward;
+  py::gil_scoped_release no_gil;
+  for_each_plane_range(planes, height * width, [&](int64_t begin, int64_t n) {
+    kernel(a, static_cast<DType>(dtype), as_ptr(input), as_ptr(output),
+           static_cast<uint8_t*>(as_ptr(argmax)), begin, n);
+  });
+}
+
+void max_pool_scatter(int64_t grad_output, int64_t argmax, int64_t grad_input, int dtype,
+                      int64_t planes, int64_t height, int64_t width, int64_t kernel_h,
+                      int64_t kernel_w) {
+  const MaxPool a = make_max_pool(height, width, kernel_h, kernel_w);
+  const auto kernel = kernels().max_pool_scatter;
+  py::gil_scoped_release no_gil;
+  for_each_plane_range(planes, height * width, [&](int64_t begin, int64_t n) {
+    kernel(a, static_cast<DType>(dtype), as_ptr(grad_output),
+           static_cast<const uint8_t*>(as_ptr(argmax)), as_ptr(grad_input), begin, n);
+  });
+}
+
+void max_pool_gather(int64_t grad_input_grad, int64_t argmax, int64_t out, int dtype,
+                     int64_t planes, int64_t height, int64_t width, int64_t kernel_h,
+                     int64_t kernel_w) {
+  const MaxPool a = make_max_pool(height, width, kernel_h, kernel_w);
+  const auto kernel = kernels().max_pool_gather;
+  py::gil_scoped_release no_gil;
+  for_each_plane_range(planes, height * width, [&](int64_t begin, int64_t n) {
+    kernel(a, static_cast<DType>(dtype), as_ptr(grad_input_grad),
+           static_cast<const uint8_t*>(as_ptr(argmax)), as_ptr(out), begin, n);
+  });
+}
+
 // ---- The learned LSTM rule (csrc/lstm_rule.cpp) ------------------------------------------------
 // Python (fastmeta/ops/lstm_rule.py) has checked every tensor: contiguous, one dtype (float32
 // or float64), one CPU device, the shapes of LstmRule.
@@ -1136,4 +1205,19 @@ PYBIND11_MODULE(_C, m) {
         "Memory-roofline probe: streams[s] lists the addresses of stream s's float32 tensors "
         "(numels[t] elements for tensor t); reads every stream and writes the first num_writes "
         "back in place.");
+  m.def("max_pool_forward", &max_pool_forward, py::arg("input"), py::arg("output"),
+        py::arg("argmax"), py::arg("dtype"), py::arg("planes"), py::arg("height"),
+        py::arg("width"), py::arg("kernel_h"), py::arg("kernel_w"),
+        "Max-pooling of contiguous [planes, height, width] input over non-overlapping "
+        "kernel_h x kernel_w windows (floor mode): writes output [planes, height // kernel_h, "
+        "width // kernel_w] and argmax (uint8, the winner's row-major position in its window).");
+  m.def("max_pool_scatter", &max_pool_scatter, py::arg("grad_output"), py::arg("argmax"),
+        py::arg("grad_input"), py::arg("dtype"), py::arg("planes"), py::arg("height"),
+        py::arg("width"), py::arg("kernel_h"), py::arg("kernel_w"),
+        "The max-pool's backward: writes every element of grad_input [planes, height, width], "
+        "grad_output at each window's winner and 0 elsewhere.");
+  m.def("max_pool_gather", &max_pool_gather, py::arg("grad_input_grad"), py::arg("argmax"),
+        py::arg("out"), py::arg("dtype"), py::arg("planes"), py::arg("height"), py::arg("width"),
+        py::arg("kernel_h"), py::arg("kernel_w"),
+        "The scatter's adjoint: out[o] = grad_input_grad at window o's winner.");
 }

@@ -164,6 +164,12 @@ struct LstmRuleGrad {
   double* weight_grad;
 };
 
+// ---- Max-pooling over non-overlapping windows (csrc/max_pool.cpp) --------------------------
+// A [planes, height, width] contiguous input; window = stride = kernel_h x kernel_w, floor mode.
+struct MaxPool {
+  int64_t height, width, kernel_h, kernel_w, out_height, out_width;
+};
+
 #define FASTMETA_DECLARE_BATCHED(ISA, OP)                                                        \
   void OP##_forward_chunk(const BatchedStep& s, DType dtype, int64_t begin, int64_t n);        \
   void OP##_backward_chunk(const BatchedStep& s, const BatchedGrad& g, DType dtype, int64_t begin, \
@@ -191,6 +197,13 @@ struct LstmRuleGrad {
   bool lstm_rule_forward_chunk(const LstmRule& a, DType dtype, int64_t begin, int64_t n);      \
   bool lstm_rule_backward_chunk(const LstmRule& a, const LstmRuleGrad& g, DType dtype,         \
                                 int64_t begin, int64_t n);                                     \
+  void max_pool_forward_planes(const MaxPool& a, DType dtype, const void* input, void* output,  \
+                               uint8_t* argmax, int64_t begin, int64_t n);                     \
+  void max_pool_scatter_planes(const MaxPool& a, DType dtype, const void* grad_output,         \
+                               const uint8_t* argmax, void* grad_input, int64_t begin,         \
+                               int64_t n);                                                     \
+  void max_pool_gather_planes(const MaxPool& a, DType dtype, const void* grad_input_grad,      \
+                              const uint8_t* argmax, void* out, int64_t begin, int64_t n);     \
   }
 
 FASTMETA_DECLARE_KERNELS(avx512)

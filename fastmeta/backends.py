@@ -175,6 +175,17 @@ def _warn_once(op: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def requested_impl(impl: Impl | str) -> Impl:
+    """What the caller asked for: ``impl``, or the ``FASTMETA_IMPL`` environment variable where
+    ``impl`` is ``auto`` and the variable is set (``auto`` when neither names one)."""
+    requested = _parse(impl)
+    if requested is Impl.AUTO:
+        env = os.environ.get(IMPL_ENV_VAR, "").strip()
+        if env:
+            requested = _parse(env)
+    return requested
+
+
 def resolve(impl: Impl | str, device: torch.device, *, op: str, record: bool = True) -> Impl:
     """Turns a requested implementation into the one that will run ``op`` on ``device``.
 
@@ -196,11 +207,7 @@ def resolve(impl: Impl | str, device: torch.device, *, op: str, record: bool = T
         if record and _trace_stack:
             _trace_stack[-1].append((op, Impl.NATIVE))
         return Impl.NATIVE
-    requested = _parse(impl)
-    if requested is Impl.AUTO:
-        env = os.environ.get(IMPL_ENV_VAR, "").strip()
-        if env:
-            requested = _parse(env)
+    requested = requested_impl(impl)
     if requested is not Impl.AUTO:
         why = _why_unavailable(requested, device)
         if why is not None:

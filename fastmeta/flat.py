@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from fastmeta._autograd import Function
+from fastmeta.ops.max_pool import native_layers
 
 __all__ = ["MUTABLE_BUFFERS", "FlatEntry", "FlatLayout", "buffer_mutating_modules", "flatten"]
 
@@ -69,6 +70,12 @@ def buffer_mutating_modules(module: nn.Module) -> list[str]:
         ):
             names.append(name or type(m).__name__)
     return names
+
+
+def has_max_pool(module: nn.Module) -> bool:
+    """Whether ``module`` has an ``nn.MaxPool2d`` submodule (see
+    :meth:`FlatLayout.call_unchecked`)."""
+    return any(isinstance(m, nn.MaxPool2d) for m in module.modules())
 
 
 class FlatLayout:
@@ -304,9 +311,21 @@ class FlatLayout:
         args: Any = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
-        """:meth:`functional_call` without the checks, for loops that validated once."""
+        """:meth:`functional_call` without the checks, for loops that validated once.
+
+        A module with ``nn.MaxPool2d`` layers runs inside
+        :class:`fastmeta.ops.max_pool.native_layers`: their non-overlapping CPU windows take the
+        native kernel (torch's NCHW max-pool was a fifth of a conv-4 MAML step); everything else
+        runs as it is.
+        """
         views = [c.view(e.shape) for e, c in zip(self.entries, self.split(flat))]
         named = {name: views[i] for name, i in self.slots}
+        if (flat.device.type == "cpu" and not torch._C._are_functorch_transforms_active()
+                and has_max_pool(module)):  # (under vmap the kernel cannot run)
+            with native_layers():
+                return torch.func.functional_call(
+                    module, named, args, kwargs, tie_weights=False, strict=False
+                )
         return torch.func.functional_call(
             module, named, args, kwargs, tie_weights=False, strict=False
         )

@@ -8,6 +8,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
+from fastmeta import backends
+from fastmeta.backends import Impl
 from fastmeta.meta import MAML, MLP, Conv4
 from fastmeta.optim import Adam
 from fastmeta.tasks import Episode, FewShotTasks, SinusoidTasks, TensorClass
@@ -157,13 +159,38 @@ def test_conv4_batchnorm_meta_gradient(first_order):
     episode = FewShotTasks(classes, seed=0).sample(2, ways=3, shots=1, queries=2)
     maml = MAML(model, loss_fn=F.cross_entropy, inner_lr=0.1, inner_steps=2,
                 first_order=first_order)
-    loss, theta_grad, _ = _maml_grads(maml, episode)
+    with backends.trace() as calls:
+        loss, theta_grad, _ = _maml_grads(maml, episode)
+    if backends.native() is not None and not first_order:  # the loop: native max-pools
+        assert ("max_pool2d", Impl.NATIVE) in calls
     # second order through BatchNorm: a per-task loop (vmap's second derivatives are wrong there)
     ref_loss, ref_grad, _ = reference_meta_grads(model, episode, steps=2, first_order=first_order,
                                                  opt="sgd", lr=0.1, loss_fn=F.cross_entropy,
                                                  use_vmap=False)
     torch.testing.assert_close(loss, ref_loss)
     assert _rel_err(theta_grad, ref_grad) <= META_GRAD_RTOL
+
+
+@pytest.mark.native
+def test_conv4_float32_native_layers_match_the_reference(monkeypatch):
+    """conv-4 at the benchmark's image size in float32: the meta-gradient with the native
+    max-pool (and fused update) equals the one with FASTMETA_IMPL=reference (torch's pooling)."""
+    torch.manual_seed(0)
+    model = Conv4(in_channels=1, ways=5, filters=8, image_size=28)
+    gen = torch.Generator().manual_seed(0)
+    episode = Episode(torch.rand(2, 5, 1, 28, 28, generator=gen), torch.arange(5).repeat(2, 1),
+                      torch.rand(2, 10, 1, 28, 28, generator=gen),
+                      torch.arange(5).repeat_interleave(2).repeat(2, 1))
+    maml = MAML(model, loss_fn=F.cross_entropy, inner_lr=0.1, inner_steps=2)
+    with backends.trace() as calls:
+        loss, theta_grad, _ = _maml_grads(maml, episode)
+    assert ("max_pool2d", Impl.NATIVE) in calls
+    monkeypatch.setenv("FASTMETA_IMPL", "reference")
+    with backends.trace() as calls:
+        ref_loss, ref_grad, _ = _maml_grads(maml, episode)
+    assert ("max_pool2d", Impl.NATIVE) not in calls
+    torch.testing.assert_close(loss, ref_loss)
+    assert _rel_err(theta_grad, ref_grad) <= 1e-5
 
 
 def test_strategies_agree():

@@ -1,0 +1,270 @@
+"""2-D max-pooling over non-overlapping windows, differentiable to any order, on a native kernel.
+
+For a window size :math:`k_h \\times k_w` equal to the stride (``nn.MaxPool2d(2)``, the
+pooling of conv-4), no padding and no dilation, each output is the maximum of its own window:
+
+.. math::
+    y_{c,i,j} = x_{c,\\,a(c,i,j)}, \\qquad
+    a(c,i,j) = \\operatorname*{arg\\,max}_{(u,v) \\in W_{ij}} x_{c,u,v}, \\qquad
+    W_{ij} = \\{i k_h, \\dots, i k_h + k_h - 1\\} \\times \\{j k_w, \\dots, j k_w + k_w - 1\\}
+
+with torch's tie rule (the first maximum in row-major window order; a NaN wins over everything
+before it) and floor mode (rows and columns past the last whole window are dropped). The
+winner :math:`a` is piecewise constant in :math:`x`, so the derivatives are linear maps:
+
+.. math::
+    \\bar x = S_a(\\bar y) \\;\\text{(scatter: } \\bar y \\text{ to each winner, 0 elsewhere)},
+    \\qquad \\bar{\\bar y} = G_a(\\bar{\\bar x}) = S_a^\\top(\\bar{\\bar x})
+    \\;\\text{(gather at the winners)}
+
+and the scatter's and the gather's own derivatives are each other, which is what second-order
+MAML through a max-pool needs. The reference is ``torch.nn.functional.max_pool2d``.
+
+Why a kernel: torch's CPU max-pool on NCHW tensors runs a generic (kernel, stride, padding,
+dilation) loop and writes int64 indices. On conv-4's first layer of 75 query images
+([75, 64, 28, 28] float32) it took 11.5 ms on this project's 2-core VM, against 0.4 ms for a
+ReLU of the same tensor; max-pooling was a fifth of a MAML meta-step. The native kernel
+(``csrc/max_pool.cpp``) keeps a one-byte winner per output instead.
+
+On CUDA there is no Triton kernel: torch's own (cuDNN) pooling is used there, without a warning,
+because it is not the slow path this op exists to replace.
+
+:class:`native_layers` runs every ``F.max_pool2d`` (and so every ``nn.MaxPool2d``) called inside
+it on this op; fastmeta's loop strategy uses it around each task's forward
+(:mod:`fastmeta.flat`), so a user's plain ``nn.Module`` gets the kernel without being changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from fastmeta import backends
+from fastmeta._autograd import Function
+from fastmeta.backends import Impl, ImplementationUnavailable
+from fastmeta.ops.tensor_lists import DTYPE_CODES
+
+__all__ = ["MaxPool2dFunction", "max_pool2d", "max_pool2d_reference", "native_layers",
+           "native_window"]
+
+# The winner's position in its window is stored in one byte (csrc/max_pool.cpp).
+_MAX_WINDOW = 255
+
+
+def max_pool2d_reference(input: torch.Tensor, kernel_size: Any, stride: Any = None,
+                         padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
+                         return_indices: bool = False) -> Any:
+    """The spec: ``torch.nn.functional.max_pool2d``."""
+    return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
+                        return_indices=return_indices)
+
+
+def _pair(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return (value[0], value[1])
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        return _pair(value[0])
+    return None
+
+
+def native_window(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
+                  dilation: Any = 1, ceil_mode: bool = False,
+                  return_indices: bool = False) -> tuple[int, int] | str:
+    """``(kernel_h, kernel_w)`` when the native kernel computes exactly this
+    ``F.max_pool2d`` call, else the reason it does not (a string).
+
+    It covers: a contiguous CPU tensor of 3 or 4 dimensions, float32/float64/float16/bfloat16,
+    at least one element, windows equal to the stride with at most 255 elements, no padding,
+    no dilation, floor mode (or ceil mode where the windows tile the input exactly), at least
+    one window per plane, no indices returned, no ``torch.func`` transform active."""
+    if not isinstance(input, torch.Tensor):
+        return "the input is not a tensor"
+    if input.device.type != "cpu":
+        return f"the input is on {input.device}, not the CPU"
+    if input.dtype not in DTYPE_CODES:
+        return f"dtype {input.dtype} is not float32, float64, float16 or bfloat16"
+    if input.dim() not in (3, 4) or input.numel() == 0:
+        return f"the input has shape {list(input.shape)}, not a non-empty [N, C, H, W] or [C, H, W]"
+    if not input.is_contiguous():
+        return "the input is not contiguous"
+    if return_indices:
+        return "return_indices=True (torch's int64 indices are not kept)"
+    kernel = _pair(kernel_size)
+    steps = kernel if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) \
+        else _pair(stride)
+    if kernel is None or steps is None or kernel != steps:
+        return "the windows overlap or leave gaps (stride != kernel_size)"
+    if _pair(padding) != (0, 0) or _pair(dilation) != (1, 1):
+        return "padding or dilation"
+    kh, kw = kernel
+    if kh < 1 or kw < 1 or kh * kw > _MAX_WINDOW:
+        return f"kernel_size {kernel} is not between 1 and {_MAX_WINDOW} elements"
+    height, width = input.shape[-2:]
+    if height < kh or width < kw:
+        return "a plane is smaller than one window"
+    if ceil_mode and (height % kh or width % kw):
+        return "ceil_mode=True with a partial window"
+    if torch._C._are_functorch_transforms_active():
+        return "torch.func transforms are active"
+    return kh, kw
+
+
+def _planes(shape: torch.Size) -> int:
+    planes = 1
+    for size in shape[:-2]:
+        planes *= size
+    return planes
+
+
+def _pooled_shape(shape: torch.Size, kh: int, kw: int) -> torch.Size:
+    return torch.Size([*shape[:-2], shape[-2] // kh, shape[-1] // kw])
+
+
+def _scatter(grad_output: torch.Tensor, argmax: torch.Tensor, input_shape: torch.Size,
+             kh: int, kw: int) -> torch.Tensor:
+    grad_output = grad_output.contiguous()
+    grad_input = grad_output.new_empty(input_shape)
+    # Arguments: (grad_output, argmax, grad_input), every element of grad_input written.
+    backends.native().max_pool_scatter(
+        grad_output.data_ptr(), argmax.data_ptr(), grad_input.data_ptr(),
+        DTYPE_CODES[grad_output.dtype], _planes(input_shape), input_shape[-2], input_shape[-1],
+        kh, kw)
+    return grad_input
+
+
+def _gather(grad_input_grad: torch.Tensor, argmax: torch.Tensor, kh: int,
+            kw: int) -> torch.Tensor:
+    grad_input_grad = grad_input_grad.contiguous()
+    shape = grad_input_grad.shape
+    out = grad_input_grad.new_empty(_pooled_shape(shape, kh, kw))
+    backends.native().max_pool_gather(
+        grad_input_grad.data_ptr(), argmax.data_ptr(), out.data_ptr(),
+        DTYPE_CODES[grad_input_grad.dtype], _planes(shape), shape[-2], shape[-1], kh, kw)
+    return out
+
+
+class _Scatter(Function):
+    """``x̄ = S_a(ȳ)``, the max-pool's backward; its derivative is the gather."""
+
+    @staticmethod
+    def forward(grad_output, argmax, input_shape, kh, kw):  # type: ignore[override]
+        return _scatter(grad_output, argmax, input_shape, kh, kw)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        _, argmax, _, ctx.kh, ctx.kw = inputs
+        ctx.save_for_backward(argmax)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (argmax,) = ctx.saved_tensors
+        return _Gather.apply(grad, argmax, ctx.kh, ctx.kw), None, None, None, None
+
+
+class _Gather(Function):
+    """``ȳ' = G_a(x̄')``, the scatter's adjoint; its derivative is the scatter."""
+
+    @staticmethod
+    def forward(grad_input_grad, argmax, kh, kw):  # type: ignore[override]
+        return _gather(grad_input_grad, argmax, kh, kw)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        grad_input_grad, argmax, ctx.kh, ctx.kw = inputs
+        ctx.input_shape = grad_input_grad.shape
+        ctx.save_for_backward(argmax)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (argmax,) = ctx.saved_tensors
+        return _Scatter.apply(grad, argmax, ctx.input_shape, ctx.kh, ctx.kw), None, None, None
+
+
+class MaxPool2dFunction(Function):
+    """``(y, a)`` of the native kernel; the backward is :class:`_Scatter`, itself differentiable.
+    ``a`` (uint8, the winner's row-major position in its window) is not differentiable."""
+
+    @staticmethod
+    def forward(input, kh, kw):  # type: ignore[override]
+        shape = _pooled_shape(input.shape, kh, kw)
+        output = input.new_empty(shape)
+        argmax = torch.empty(shape, dtype=torch.uint8)
+        backends.native().max_pool_forward(
+            input.data_ptr(), output.data_ptr(), argmax.data_ptr(), DTYPE_CODES[input.dtype],
+            _planes(input.shape), input.shape[-2], input.shape[-1], kh, kw)
+        return output, argmax
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        input, ctx.kh, ctx.kw = inputs
+        ctx.input_shape = input.shape
+        ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_argmax):  # type: ignore[override]
+        (argmax,) = ctx.saved_tensors
+        return _Scatter.apply(grad_output, argmax, ctx.input_shape, ctx.kh, ctx.kw), None, None
+
+
+def max_pool2d(input: torch.Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
+               dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False, *,
+               impl: Impl | str = Impl.AUTO) -> Any:
+    """``torch.nn.functional.max_pool2d``, on the native kernel where it applies.
+
+    Same arguments and result as ``F.max_pool2d`` (equal values; gradients equal to torch's,
+    including at ties and NaNs). Calls that :func:`native_window` does not cover run
+    ``F.max_pool2d`` itself, as do CUDA tensors (see the module docstring).
+
+    Args:
+        impl: ``"auto"``: native where it applies; ``"reference"``: always ``F.max_pool2d``;
+            ``"native"``: the kernel, or an error saying why it cannot run this call.
+
+    Raises:
+        ImplementationUnavailable: ``impl="native"`` (or ``"triton"``) was asked for and cannot
+            run this call.
+    """
+    window = native_window(input, kernel_size, stride, padding, dilation, ceil_mode,
+                           return_indices)
+    requested = backends.requested_impl(impl)
+    if requested is Impl.TRITON:
+        raise ImplementationUnavailable("max_pool2d: impl=triton was requested but fastmeta has "
+                                        "no Triton max-pool (torch's CUDA pooling is used)")
+    if isinstance(window, str) and requested is Impl.NATIVE:
+        raise ImplementationUnavailable(
+            f"max_pool2d: impl=native was requested but the kernel cannot run this call: {window}")
+    if isinstance(window, str) or requested is Impl.REFERENCE:
+        backends.note("max_pool2d", Impl.REFERENCE)
+        return max_pool2d_reference(input, kernel_size, stride, padding, dilation, ceil_mode,
+                                    return_indices)
+    # auto without the extension: resolve warns once and says reference.
+    if backends.resolve(requested, input.device, op="max_pool2d") is not Impl.NATIVE:
+        return max_pool2d_reference(input, kernel_size, stride, padding, dilation, ceil_mode,
+                                    return_indices)
+    output, _ = MaxPool2dFunction.apply(input, *window)
+    return output
+
+
+class native_layers(TorchFunctionMode):
+    """A context in which ``F.max_pool2d`` (and so ``nn.MaxPool2d``) runs :func:`max_pool2d`:
+    the native kernel where it applies, torch's own kernel everywhere else.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.MaxPool2d(2))
+        >>> with native_layers():
+        ...     y = net(torch.randn(4, 1, 28, 28))
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is F.max_pool2d:
+            return max_pool2d(*args, **kwargs)
+        return func(*args, **kwargs)

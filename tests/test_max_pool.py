@@ -1,0 +1,219 @@
+"""The native max-pool (fastmeta/ops/max_pool.py, csrc/max_pool.cpp) against F.max_pool2d: values,
+first and second derivatives, torch's tie and NaN rules, every dtype and the dispatch."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmeta import backends
+from fastmeta.backends import Impl, ImplementationUnavailable
+from fastmeta.flat import FlatLayout
+from fastmeta.ops.max_pool import max_pool2d, native_layers, native_window
+
+pytestmark = pytest.mark.native
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (shape, kernel_size): 2x2 with even and odd sizes and every row width from 1 to 19 outputs
+# (the AVX-512 row covers 8 outputs per step, with a masked tail), 3-D input, larger and
+# rectangular windows, a 1x1 window.
+CASES = ([((2, 3, 2 * w + odd, 2 * w + odd), 2) for w in range(1, 20) for odd in (0, 1)]
+         + [((75, 8, 28, 28), 2), ((4, 7, 7), 2), ((2, 3, 9, 10), 3), ((2, 2, 6, 9), (2, 3)),
+            ((1, 2, 5, 5), 1), ((3, 2, 16, 16), 4)])
+
+
+def _data(shape, dtype, *, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    # ReLU zeros (whole windows of ties), rounded values (more ties), NaN and -inf.
+    x = torch.where(torch.rand(shape, generator=gen, dtype=torch.float64) < 0.3, 0.0, x)
+    x = torch.where(torch.rand(shape, generator=gen, dtype=torch.float64) < 0.2, x.round(), x)
+    flat = x.view(-1)
+    flat[torch.randint(flat.numel(), (max(1, flat.numel() // 50),), generator=gen)] = float("nan")
+    flat[torch.randint(flat.numel(), (max(1, flat.numel() // 50),), generator=gen)] = -float("inf")
+    return x.to(dtype)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.equal(a.isnan(), b.isnan())) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,kernel", CASES)
+def test_values_and_gradients_equal_torch(shape, kernel, dtype):
+    x = _data(shape, dtype).requires_grad_()
+    ours = max_pool2d(x, kernel, impl="native")
+    ref = F.max_pool2d(x, kernel)
+    assert ours.dtype == dtype and ours.shape == ref.shape
+    assert _same(ours, ref)
+    grad_out = torch.randn(ref.shape, dtype=torch.float64).to(dtype)
+    (g_ours,) = torch.autograd.grad(ours, x, grad_out)
+    (g_ref,) = torch.autograd.grad(ref, x, grad_out)
+    # Exactly torch's winner, also for ties, NaNs and the rows/columns floor mode drops.
+    assert torch.equal(g_ours, g_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,kernel", [((2, 3, 9, 9), 2), ((3, 5, 17), 2), ((2, 2, 7, 11), 3)])
+def test_second_derivatives_equal_torch(shape, kernel, dtype):
+    x = _data(shape, dtype).nan_to_num(neginf=-3.0).requires_grad_()
+    v = torch.randn(F.max_pool2d(x, kernel).shape, dtype=dtype, requires_grad=True)
+    w = torch.randn(shape, dtype=dtype, requires_grad=True)
+    u = torch.randn(v.shape, dtype=dtype)
+    results = []
+    for pool in (lambda t: max_pool2d(t, kernel, impl="native"), lambda t: F.max_pool2d(t, kernel)):
+        # gx = S(v), the scatter; its derivative along w is the gather G(w); the gather's
+        # derivative along u is the scatter again. gx does not depend on x (zero curvature).
+        (gx,) = torch.autograd.grad(pool(x), x, v, create_graph=True)
+        gxx, gv = torch.autograd.grad(gx, (x, v), w, create_graph=True, allow_unused=True)
+        (gw,) = torch.autograd.grad(gv, w, u)
+        assert gxx is None or not gxx.any()
+        results.append((gx.detach(), gv.detach(), gw))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_gradcheck_and_gradgradcheck():
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)
+    pool = lambda t: max_pool2d(t, 2, impl="native")  # noqa: E731
+    assert torch.autograd.gradcheck(pool, (x,))
+    assert torch.autograd.gradgradcheck(pool, (x,))
+    # The backward as a function of the output gradient, and its own backward (the gather).
+    g = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    scatter = lambda t: torch.autograd.grad(pool(x), x, t, create_graph=True)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(scatter, (g,))
+    assert torch.autograd.gradgradcheck(scatter, (g,))
+
+
+def test_non_contiguous_output_gradient():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    grad_out = torch.randn(4, 4, 3, 2).permute(2, 3, 0, 1)  # [3, 2, 4, 4], not contiguous
+    ours = torch.autograd.grad(max_pool2d(x[:, :, :, :].reshape(3, 2, 8, 8), 2, impl="native"),
+                               x, grad_out)
+    ref = torch.autograd.grad(F.max_pool2d(x.reshape(3, 2, 8, 8), 2), x, grad_out)
+    assert torch.equal(ours[0], ref[0])
+
+
+@pytest.mark.parametrize("call,reason", [
+    (lambda x: dict(kernel_size=3, stride=2), "overlap"),
+    (lambda x: dict(kernel_size=2, padding=1), "padding"),
+    (lambda x: dict(kernel_size=2, dilation=2), "dilation"),
+    (lambda x: dict(kernel_size=2, return_indices=True), "return_indices"),
+    (lambda x: dict(kernel_size=2, ceil_mode=True), "ceil_mode"),
+    (lambda x: dict(kernel_size=10), "smaller than one window"),
+    (lambda x: dict(kernel_size=(2, 10)), "smaller than one window"),
+    (lambda x: dict(kernel_size=(16, 16)), "255 elements"),
+])
+def test_calls_the_kernel_does_not_cover_run_torch(call, reason):
+    x = torch.randn(2, 3, 9, 9)
+    kwargs = call(x)
+    assert reason in native_window(x, **kwargs)
+    with backends.trace() as calls:
+        try:
+            ours = max_pool2d(x, **kwargs)
+        except RuntimeError as e:  # torch's own error for a window larger than the input
+            with pytest.raises(RuntimeError, match=re.escape(str(e))):
+                F.max_pool2d(x, **kwargs)
+            return
+    assert calls == [("max_pool2d", Impl.REFERENCE)]
+    ref = F.max_pool2d(x, **kwargs)
+    if isinstance(ref, tuple):
+        assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+    else:
+        assert torch.equal(ours, ref)
+    with pytest.raises(ImplementationUnavailable, match="impl=native.*" + reason.split()[-1]):
+        max_pool2d(x, impl="native", **kwargs)
+
+
+def test_ceil_mode_on_whole_windows_and_other_layouts():
+    x = torch.randn(2, 3, 8, 8)
+    assert native_window(x, 2, ceil_mode=True) == (2, 2)
+    assert torch.equal(max_pool2d(x, 2, ceil_mode=True), F.max_pool2d(x, 2, ceil_mode=True))
+    assert "not contiguous" in native_window(x.transpose(2, 3), 2)
+    assert "not contiguous" in native_window(x.contiguous(memory_format=torch.channels_last), 2)
+    assert "dtype" in native_window(x.int(), 2)
+    assert "shape" in native_window(torch.randn(3, 8), 2)
+    assert "shape" in native_window(torch.randn(0, 3, 8, 8), 2)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(max_pool2d(cl, 2), F.max_pool2d(cl, 2))
+
+
+def test_dispatch_and_its_errors(monkeypatch):
+    x = torch.randn(2, 3, 8, 8)
+    with backends.trace() as calls:
+        max_pool2d(x, 2)
+        max_pool2d(x, 2, impl="reference")
+    assert calls == [("max_pool2d", Impl.NATIVE), ("max_pool2d", Impl.REFERENCE)]
+    with pytest.raises(ImplementationUnavailable, match="no Triton max-pool"):
+        max_pool2d(x, 2, impl="triton")
+    with pytest.raises(ValueError, match="impl"):
+        max_pool2d(x, 2, impl="fast")
+    monkeypatch.setenv("FASTMETA_IMPL", "reference")
+    with backends.trace() as calls:
+        max_pool2d(x, 2)
+    assert calls == [("max_pool2d", Impl.REFERENCE)]
+
+
+def test_under_vmap_it_runs_torch():
+    x = torch.randn(4, 3, 8, 8)
+    with backends.trace() as calls:
+        out = torch.func.vmap(lambda t: max_pool2d(t, 2))(x)
+    assert calls == [("max_pool2d", Impl.REFERENCE)]
+    assert torch.equal(out, F.max_pool2d(x, 2))
+
+
+def test_native_layers_routes_modules_and_functional_calls():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.MaxPool2d(3, stride=1))
+    x = torch.randn(5, 1, 12, 12)
+    with backends.trace() as calls, native_layers():
+        y = net(x)
+        z = F.max_pool2d(y, 2)
+    assert calls == [("max_pool2d", Impl.NATIVE), ("max_pool2d", Impl.REFERENCE),
+                     ("max_pool2d", Impl.NATIVE)]
+    assert torch.equal(y, net(x)) and torch.equal(z, F.max_pool2d(net(x), 2))
+
+
+def test_functional_calls_of_fastmeta_use_it_for_max_pool_models_only():
+    pooled = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten())
+    plain = nn.Sequential(nn.Linear(3, 2))
+    for model, x, expected in ((pooled, torch.randn(2, 1, 8, 8), [("max_pool2d", Impl.NATIVE)]),
+                               (plain, torch.randn(2, 3), [])):
+        layout = FlatLayout.of(model)
+        with backends.trace() as calls:
+            out = layout.call_unchecked(model, layout.flatten(model), (x,))
+        assert calls == expected
+        assert torch.equal(out, model(x))
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_every_isa_build_agrees(isa):
+    """The AVX-512 build has its own 2x2 float32 path; the others must give the same bits."""
+    import fastmeta._C as C
+
+    if isa == C.isa():
+        pytest.skip(f"{isa} is the default build here")
+    code = (
+        "import torch, torch.nn.functional as F\n"
+        "from fastmeta.ops.max_pool import max_pool2d\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(3, 5, 29, 30).relu().requires_grad_()\n"
+        "x.data[0, 0, 0, :4] = float('nan')\n"
+        "y = max_pool2d(x, 2, impl='native'); r = F.max_pool2d(x, 2)\n"
+        "g = torch.randn(r.shape)\n"
+        "a = torch.autograd.grad(y, x, g)[0]; b = torch.autograd.grad(r, x, g)[0]\n"
+        "print(torch.equal(y.nan_to_num(), r.nan_to_num()), torch.equal(a, b))\n"
+    )
+    env = {**os.environ, "FASTMETA_CPU_ISA": isa}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if res.returncode != 0 and "does not support it" in res.stderr:
+        pytest.skip(f"this CPU does not run {isa}")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "True"]
