@@ -20,6 +20,9 @@
 #if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define FASTMETA_MAX_POOL_AVX512 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define FASTMETA_MAX_POOL_AVX2 1
 #endif
 
 namespace fastmeta {
@@ -93,6 +96,85 @@ static void scatter_row_2x2(const float* gy, const uint8_t* arg, float* g0, floa
 }
 #endif
 
+#ifdef FASTMETA_MAX_POOL_AVX2
+// The same with AVX2, 4 outputs per iteration: vector masks for the loads and stores of a row's
+// tail (maskload never touches the lanes it skips), blendv for the selects.
+static inline __m256i first_lanes(int64_t n) {  // lanes [0, n) all ones, n <= 8
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane);
+}
+
+static void forward_row_2x2(const float* r0, const float* r1, float* y, uint8_t* arg,
+                            int64_t out_width) {
+  for (int64_t ow = 0; ow < out_width; ow += 4) {
+    const int64_t n = out_width - ow < 4 ? out_width - ow : 4;
+    // Whole groups use plain loads and stores: AMD CPUs run masked stores in microcode.
+    const bool whole = n == 4;
+    const __m256i in_mask = first_lanes(2 * n);
+    const __m256 a = whole ? _mm256_loadu_ps(r0 + 2 * ow) : _mm256_maskload_ps(r0 + 2 * ow, in_mask);
+    const __m256 b = whole ? _mm256_loadu_ps(r1 + 2 * ow) : _mm256_maskload_ps(r1 + 2 * ow, in_mask);
+    // shuffle_ps works per 128-bit half: [a0 a2 b0 b2 | a4 a6 b4 b6]; the 64-bit permute
+    // puts row 0's evens in the low half and row 1's in the high half.
+    const __m256 evens = _mm256_castpd_ps(_mm256_permute4x64_pd(
+        _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), _MM_SHUFFLE(3, 1, 2, 0)));
+    const __m256 odds = _mm256_castpd_ps(_mm256_permute4x64_pd(
+        _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), _MM_SHUFFLE(3, 1, 2, 0)));
+    const __m128 p[4] = {_mm256_castps256_ps128(evens), _mm256_castps256_ps128(odds),
+                         _mm256_extractf128_ps(evens, 1), _mm256_extractf128_ps(odds, 1)};
+    __m128 m = p[0];
+    __m128i w = _mm_setzero_si128();
+    for (int k = 1; k < 4; ++k) {
+      const __m128 better =
+          _mm_or_ps(_mm_cmp_ps(p[k], m, _CMP_GT_OQ), _mm_cmp_ps(p[k], p[k], _CMP_UNORD_Q));
+      m = _mm_blendv_ps(m, p[k], better);
+      w = _mm_blendv_epi8(w, _mm_set1_epi32(k), _mm_castps_si128(better));
+    }
+    const __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(w, w), w);
+    const uint32_t four = static_cast<uint32_t>(_mm_cvtsi128_si32(bytes));
+    if (whole) {
+      _mm_storeu_ps(y + ow, m);
+      __builtin_memcpy(arg + ow, &four, 4);
+    } else {
+      _mm_maskstore_ps(y + ow, _mm256_castsi256_si128(first_lanes(n)), m);
+      for (int64_t i = 0; i < n; ++i) arg[ow + i] = static_cast<uint8_t>(four >> (8 * i));
+    }
+  }
+}
+
+static void scatter_row_2x2(const float* gy, const uint8_t* arg, float* g0, float* g1,
+                            int64_t out_width) {
+  for (int64_t ow = 0; ow < out_width; ow += 4) {
+    const int64_t n = out_width - ow < 4 ? out_width - ow : 4;
+    const bool whole = n == 4;
+    const __m256i in_mask = first_lanes(2 * n);
+    const __m128 g = whole ? _mm_loadu_ps(gy + ow)
+                           : _mm_maskload_ps(gy + ow, _mm256_castsi256_si128(first_lanes(n)));
+    uint32_t four = 0;
+    if (whole)
+      __builtin_memcpy(&four, arg + ow, 4);
+    else
+      for (int64_t i = 0; i < n; ++i) four |= static_cast<uint32_t>(arg[ow + i]) << (8 * i);
+    const __m128i w = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(static_cast<int>(four)));
+    __m128 q[4];
+    for (int k = 0; k < 4; ++k)
+      q[k] = _mm_and_ps(g, _mm_castsi128_ps(_mm_cmpeq_epi32(w, _mm_set1_epi32(k))));
+    const __m256 row0 = _mm256_set_m128(_mm_unpackhi_ps(q[0], q[1]), _mm_unpacklo_ps(q[0], q[1]));
+    const __m256 row1 = _mm256_set_m128(_mm_unpackhi_ps(q[2], q[3]), _mm_unpacklo_ps(q[2], q[3]));
+    if (whole) {
+      _mm256_storeu_ps(g0 + 2 * ow, row0);
+      _mm256_storeu_ps(g1 + 2 * ow, row1);
+    } else {
+      _mm256_maskstore_ps(g0 + 2 * ow, in_mask, row0);
+      _mm256_maskstore_ps(g1 + 2 * ow, in_mask, row1);
+    }
+  }
+}
+#define FASTMETA_MAX_POOL_ROW_2X2 1
+#endif
+#ifdef FASTMETA_MAX_POOL_AVX512
+#define FASTMETA_MAX_POOL_ROW_2X2 1
+#endif
+
 template <typename T>
 void forward_planes(const MaxPool& a, const void* input, void* output, uint8_t* argmax,
                     int64_t begin, int64_t n) {
@@ -107,7 +189,7 @@ void forward_planes(const MaxPool& a, const void* input, void* output, uint8_t* 
       const T* rows = x + oh * kh * a.width;
       T* y_row = y + oh * ow_n;
       uint8_t* arg_row = arg + oh * ow_n;
-#ifdef FASTMETA_MAX_POOL_AVX512
+#ifdef FASTMETA_MAX_POOL_ROW_2X2
       if constexpr (__is_same(T, float)) {
         if (kh == 2 && kw == 2) {
           forward_row_2x2(reinterpret_cast<const float*>(rows),
@@ -117,7 +199,7 @@ void forward_planes(const MaxPool& a, const void* input, void* output, uint8_t* 
         }
       }
 #endif
-      if (kh == 2 && kw == 2) {  // conv-4's case without AVX-512: branch-free selects
+      if (kh == 2 && kw == 2) {  // conv-4's case in the other dtypes and the generic build
         const T* r0 = rows;
         const T* r1 = rows + a.width;
         for (int64_t ow = 0; ow < ow_n; ++ow) {
@@ -172,7 +254,7 @@ void scatter_planes(const MaxPool& a, const void* grad_output, const uint8_t* ar
       const uint8_t* arg_row = arg + oh * ow_n;
       T* rows = gx + oh * kh * a.width;
       bool done = false;
-#ifdef FASTMETA_MAX_POOL_AVX512
+#ifdef FASTMETA_MAX_POOL_ROW_2X2
       if constexpr (__is_same(T, float)) {
         if (kh == 2 && kw == 2) {
           scatter_row_2x2(gy_row, arg_row, rows, rows + a.width, ow_n);
