@@ -362,14 +362,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"fastmeta eval: {exc}", file=sys.stderr)
         return 2
+    if args.draws < 1:
+        print(f"fastmeta eval: --draws must be >= 1, got {args.draws}", file=sys.stderr)
+        return 2
+    seed = runs.EVAL_SEED if args.seed is None else args.seed
     for steps in args.steps or MAML_EVAL_STEPS:
         for shots in args.shots or [config["shots"]]:
             ev = runs.evaluate(learner, config, tasks=args.tasks or MAML_EVAL_TASKS,
-                               steps=steps, shots=shots)
+                               steps=steps, shots=shots, seed=seed, draws=args.draws)
             line = _describe(ev)
             if "accuracy" in ev:
                 line += f", accuracy {ev['accuracy']['mean']:.3f} ± {ev['accuracy']['ci']:.3f}"
             print(line)
+            if "draw_losses" in ev:
+                means = ", ".join("n/a" if m is None else f"{m:.4f}" for m in ev["draw_losses"])
+                first, last = ev["seeds"]
+                print(f"  each draw of {ev['tasks'] // args.draws} tasks (seeds {first}-{last}): "
+                      f"{means}")
     return 0
 
 
@@ -544,6 +553,13 @@ def main(argv: list[str] | None = None) -> int:
                           "(default: the run's --horizon and twice it)")
     evaluate.add_argument("--shots", type=int, nargs="+",
                           help="support sizes (maml/cavia only; default: the run's --shots)")
+    evaluate.add_argument("--seed", type=int,
+                          help="seed of the new tasks (maml/cavia only; default: the seed of "
+                          "the tasks `fastmeta train` reports on)")
+    evaluate.add_argument("--draws", type=int, default=1,
+                          help="independent sets of --tasks tasks, seeds --seed, --seed + 1, "
+                          "...: prints the pooled loss and each set's mean (maml/cavia only; "
+                          "default %(default)s)")
     tune = sub.add_parser(
         "hpo", help="tune SGD's lr, momentum and weight decay (hypergradients or Optuna)",
         description="Tune SGD's per-layer learning rates, momentum and weight decay on a task, "

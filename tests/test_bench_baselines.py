@@ -71,3 +71,25 @@ def test_cavia_baselines_compute_fastmetas_meta_gradient(baseline):
         grads[name] = [p.grad for p in model.parameters()]
     for got, want in zip(grads[baseline], grads["fastmeta"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_plain_maml_sinusoid_script_runs_and_reports(tmp_path):
+    """benchmarks/maml_sinusoid_plain.py (the README's plain torch.func comparison) end to end,
+    a few iterations: every setting reported, each set's mean and the pool consistent."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "plain.json"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.maml_sinusoid_plain", "--iterations",
+                          "3", "--tasks", "20", "--draws", "2", "--json", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    assert [(r["shots"], r["steps"]) for r in data["results"]] == [(5, 1), (10, 1), (5, 10),
+                                                                   (10, 10)]
+    for r in data["results"]:
+        assert len(r["draw_means"]) == 2 and r["diverged"] == 0
+        assert r["mean"] == pytest.approx(sum(r["draw_means"]) / 2, rel=1e-9)
+        assert r["draw_means"][0] != r["draw_means"][1]
+        assert f"{r['mean']:.4f}" in res.stdout

@@ -48,6 +48,34 @@ def test_run_writes_metrics_summary_and_plot(tmp_path):
     assert main(["eval", str(out / "checkpoint.pt"), "--tasks", "20", "--steps", "1"]) == 0
 
 
+def test_eval_draws_pool_independent_task_sets(tmp_path, capsys):
+    out = _train(tmp_path, "run", 5)
+    learner, config = runs.load_trained(out / "checkpoint.pt")
+    pooled = runs.evaluate(learner, config, tasks=30, steps=2, shots=5, draws=3)
+    singles = [runs.evaluate(learner, config, tasks=30, steps=2, shots=5, seed=runs.EVAL_SEED + d)
+               for d in range(3)]
+    # Draw d is exactly the one-draw evaluation with seed EVAL_SEED + d; the pool is all 90.
+    assert pooled["draw_losses"] == pytest.approx([s["loss"]["mean"] for s in singles], rel=1e-12)
+    assert pooled["tasks"] == 90 and pooled["loss"]["n"] == 90
+    assert pooled["loss"]["mean"] == pytest.approx(sum(pooled["draw_losses"]) / 3, rel=1e-9)
+    assert pooled["seeds"] == [runs.EVAL_SEED, runs.EVAL_SEED + 2]
+    assert "draw_losses" not in singles[0]
+    assert singles[1]["loss"]["mean"] != singles[0]["loss"]["mean"]  # independent sets
+    with pytest.raises(ValueError, match="draws"):
+        runs.evaluate(learner, config, tasks=30, steps=1, draws=0)
+    capsys.readouterr()
+    assert main(["eval", str(out / "checkpoint.pt"), "--tasks", "30", "--steps", "2",
+                 "--shots", "5", "--draws", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "90 tasks" in printed and f"seeds {runs.EVAL_SEED}-{runs.EVAL_SEED + 2}" in printed
+    assert f"{pooled['loss']['mean']:.4f}" in printed
+    assert main(["eval", str(out / "checkpoint.pt"), "--tasks", "30", "--steps", "2",
+                 "--shots", "5", "--seed", str(runs.EVAL_SEED + 1)]) == 0
+    assert f"{singles[1]['loss']['mean']:.4f}" in capsys.readouterr().out
+    assert main(["eval", str(out / "checkpoint.pt"), "--draws", "0"]) == 2
+    assert "--draws" in capsys.readouterr().err
+
+
 def test_corrupt_checkpoint_is_reported_not_loaded(tmp_path, capsys):
     out = _train(tmp_path, "run", 5)
     ckpt = out / "checkpoint.pt"
