@@ -710,7 +710,8 @@ void stream(const std::vector<Ptrs>& streams, int num_writes, const std::vector<
 // threads; below kMinParallelElements input elements in all, one thread does the call.
 
 MaxPool make_max_pool(int64_t height, int64_t width, int64_t kernel_h, int64_t kernel_w) {
-  if (height < 0 || width < 0 || kernel_h < 1 || kernel_w < 1 || kernel_h * kernel_w > 255)
+  if (height < 0 || width < 0 || kernel_h < 1 || kernel_w < 1 || kernel_h > 255 ||
+      kernel_w > 255 || kernel_h * kernel_w > 255)
     throw std::invalid_argument("max_pool: needs height, width >= 0 and 1 <= kernel_h * kernel_w "
                                 "<= 255");
   return MaxPool{height, width, kernel_h, kernel_w, height / kernel_h, width / kernel_w};

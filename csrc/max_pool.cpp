@@ -9,7 +9,8 @@
 //
 // Three passes, each touching every element once:
 //   forward  y[o] = max over o's window of x,  a[o] = the winner's position in the window
-//   scatter  x̄[i] = ȳ[o] if i is o's winner, else 0 (0 too in the rows/columns floor mode drops)
+//   scatter  x̄[i] = ȳ[o] + 0 if i is o's winner, else 0 (0 too in the rows/columns floor mode
+//            drops); "+ 0" turns -0.0 into +0.0, as torch's backward (zeros, then add) does
 //   gather   ȳ'[o] = x̄'[winner of o]             (the scatter's adjoint: its own backward)
 // The winner is torch's: the first maximum in row-major window order, except that a NaN always
 // wins over what came before it (so the last NaN of a window, as in torch's kernel). The window
@@ -81,7 +82,8 @@ static void scatter_row_2x2(const float* gy, const uint8_t* arg, float* g0, floa
     const int64_t n = out_width - ow < 8 ? out_width - ow : 8;
     const __mmask16 in_mask = static_cast<__mmask16>((1u << (2 * n)) - 1u);
     const __mmask8 out_mask = static_cast<__mmask8>((1u << n) - 1u);
-    const __m256 g = _mm256_maskz_loadu_ps(out_mask, gy + ow);
+    // + 0: a -0.0 gradient lands as +0.0, as torch's zeros-plus-gradient backward gives.
+    const __m256 g = _mm256_add_ps(_mm256_maskz_loadu_ps(out_mask, gy + ow), _mm256_setzero_ps());
     const __m256i w = _mm256_cvtepu8_epi32(_mm_maskz_loadu_epi8(out_mask, arg + ow));
     __m256 q[4];
     for (int k = 0; k < 4; ++k)
@@ -147,8 +149,10 @@ static void scatter_row_2x2(const float* gy, const uint8_t* arg, float* g0, floa
     const int64_t n = out_width - ow < 4 ? out_width - ow : 4;
     const bool whole = n == 4;
     const __m256i in_mask = first_lanes(2 * n);
-    const __m128 g = whole ? _mm_loadu_ps(gy + ow)
-                           : _mm_maskload_ps(gy + ow, _mm256_castsi256_si128(first_lanes(n)));
+    const __m128 g = _mm_add_ps(  // + 0: -0.0 lands as +0.0, as in torch
+        whole ? _mm_loadu_ps(gy + ow)
+              : _mm_maskload_ps(gy + ow, _mm256_castsi256_si128(first_lanes(n))),
+        _mm_setzero_ps());
     uint32_t four = 0;
     if (whole)
       __builtin_memcpy(&four, arg + ow, 4);
@@ -267,7 +271,7 @@ void scatter_planes(const MaxPool& a, const void* grad_output, const uint8_t* ar
         if (kw == 2) {
           const uint8_t first = static_cast<uint8_t>(i * 2);
           for (int64_t ow = 0; ow < ow_n; ++ow) {
-            const auto g = E::load(gy_row + ow);
+            const auto g = E::load(gy_row + ow) + 0;  // -0.0 lands as +0.0, as in torch
             const uint8_t w = arg_row[ow];
             E::store(gx_row + 2 * ow, w == first ? g : 0);
             E::store(gx_row + 2 * ow + 1, w == first + 1 ? g : 0);
@@ -276,7 +280,7 @@ void scatter_planes(const MaxPool& a, const void* grad_output, const uint8_t* ar
           for (int64_t iw = 0; iw < covered_w; ++iw) {
             const int64_t ow = iw / kw;
             const uint8_t here = static_cast<uint8_t>(i * kw + (iw - ow * kw));
-            E::store(gx_row + iw, arg_row[ow] == here ? E::load(gy_row + ow) : 0);
+            E::store(gx_row + iw, arg_row[ow] == here ? E::load(gy_row + ow) + 0 : 0);
           }
         }
       }

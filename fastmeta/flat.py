@@ -321,7 +321,8 @@ class FlatLayout:
         views = [c.view(e.shape) for e, c in zip(self.entries, self.split(flat))]
         named = {name: views[i] for name, i in self.slots}
         if (flat.device.type == "cpu" and not torch._C._are_functorch_transforms_active()
-                and has_max_pool(module)):  # (under vmap the kernel cannot run)
+                and not torch.compiler.is_compiling()
+                and has_max_pool(module)):  # (under vmap and compile the kernel cannot run)
             with native_layers():
                 return torch.func.functional_call(
                     module, named, args, kwargs, tie_weights=False, strict=False

@@ -47,11 +47,19 @@ from fastmeta._autograd import Function
 from fastmeta.backends import Impl, ImplementationUnavailable
 from fastmeta.ops.tensor_lists import DTYPE_CODES
 
-__all__ = ["MaxPool2dFunction", "max_pool2d", "max_pool2d_reference", "native_layers",
-           "native_window"]
+__all__ = ["MaxPool2dFunction", "gather", "max_pool2d", "max_pool2d_reference", "native_layers",
+           "native_window", "scatter"]
 
 # The winner's position in its window is stored in one byte (csrc/max_pool.cpp).
 _MAX_WINDOW = 255
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _has_data(t: torch.Tensor) -> bool:
+    """Whether the kernel can read ``t`` through its data pointer: a plain tensor with storage.
+    Not a FakeTensor or other subclass, nor a batched tensor of vmap (including the legacy
+    vmap of ``autograd.grad(..., is_grads_batched=True)``, which functorch does not flag)."""
+    return type(t) in _PLAIN_TENSORS and torch._C._has_storage(t)
 
 
 def max_pool2d_reference(input: torch.Tensor, kernel_size: Any, stride: Any = None,
@@ -84,9 +92,14 @@ def native_window(input: Any, kernel_size: Any, stride: Any = None, padding: Any
     It covers: a contiguous CPU tensor of 3 or 4 dimensions, float32/float64/float16/bfloat16,
     at least one element, windows equal to the stride with at most 255 elements, no padding,
     no dilation, floor mode (or ceil mode where the windows tile the input exactly), at least
-    one window per plane, no indices returned, no ``torch.func`` transform active."""
+    one window per plane, no indices returned, a plain tensor (not a subclass such as
+    FakeTensor), no ``torch.func`` transform active and no ``torch.compile`` tracing."""
     if not isinstance(input, torch.Tensor):
         return "the input is not a tensor"
+    if not _has_data(input):
+        return f"the input is a {type(input).__name__} without storage, not a plain tensor"
+    if torch.compiler.is_compiling():
+        return "torch.compile is tracing"
     if input.device.type != "cpu":
         return f"the input is on {input.device}, not the CPU"
     if input.dtype not in DTYPE_CODES:
@@ -151,6 +164,39 @@ def _gather(grad_input_grad: torch.Tensor, argmax: torch.Tensor, kh: int,
     return out
 
 
+def _window_index(argmax: torch.Tensor, input_shape: torch.Size, kh: int,
+                  kw: int) -> torch.Tensor:
+    """``[planes, OH·OW]`` int64: each winner's flat index in its ``H·W`` plane."""
+    oh_n, ow_n = argmax.shape[-2:]
+    a = argmax.long()
+    rows = torch.arange(oh_n).view(oh_n, 1) * kh + a // kw
+    cols = torch.arange(ow_n).view(1, ow_n) * kw + a % kw
+    return (rows * input_shape[-1] + cols).reshape(_planes(input_shape), oh_n * ow_n)
+
+
+def scatter(grad_output: torch.Tensor, argmax: torch.Tensor, input_shape: torch.Size, kh: int,
+            kw: int) -> torch.Tensor:
+    """``S_a(ȳ)``, differentiable: the kernel, or (under a ``torch.func`` transform, in a
+    backward with ``is_grads_batched=True``, or for a tensor subclass) the same map in torch
+    ops. ``scatter_add`` into zeros, so a ``-0.0`` gradient lands as ``+0.0`` as in torch."""
+    if torch._C._are_functorch_transforms_active() or not _has_data(grad_output):
+        index = _window_index(argmax, input_shape, kh, kw)
+        flat = grad_output.reshape(index.shape)
+        return flat.new_zeros(index.shape[0], input_shape[-2] * input_shape[-1]).scatter_add(
+            1, index, flat).view(input_shape)
+    return _Scatter.apply(grad_output, argmax, input_shape, kh, kw)
+
+
+def gather(grad_input_grad: torch.Tensor, argmax: torch.Tensor, kh: int,
+           kw: int) -> torch.Tensor:
+    """``G_a(x̄')``, differentiable, with the same two paths as :func:`scatter`."""
+    if torch._C._are_functorch_transforms_active() or not _has_data(grad_input_grad):
+        shape = grad_input_grad.shape
+        index = _window_index(argmax, shape, kh, kw)
+        return grad_input_grad.reshape(index.shape[0], -1).gather(1, index).view(argmax.shape)
+    return _Gather.apply(grad_input_grad, argmax, kh, kw)
+
+
 class _Scatter(Function):
     """``x̄ = S_a(ȳ)``, the max-pool's backward; its derivative is the gather."""
 
@@ -166,7 +212,7 @@ class _Scatter(Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         (argmax,) = ctx.saved_tensors
-        return _Gather.apply(grad, argmax, ctx.kh, ctx.kw), None, None, None, None
+        return gather(grad, argmax, ctx.kh, ctx.kw), None, None, None, None
 
 
 class _Gather(Function):
@@ -185,7 +231,7 @@ class _Gather(Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         (argmax,) = ctx.saved_tensors
-        return _Scatter.apply(grad, argmax, ctx.input_shape, ctx.kh, ctx.kw), None, None, None
+        return scatter(grad, argmax, ctx.input_shape, ctx.kh, ctx.kw), None, None, None
 
 
 class MaxPool2dFunction(Function):
@@ -212,7 +258,7 @@ class MaxPool2dFunction(Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_argmax):  # type: ignore[override]
         (argmax,) = ctx.saved_tensors
-        return _Scatter.apply(grad_output, argmax, ctx.input_shape, ctx.kh, ctx.kw), None, None
+        return scatter(grad_output, argmax, ctx.input_shape, ctx.kh, ctx.kw), None, None
 
 
 def max_pool2d(input: torch.Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
@@ -254,8 +300,9 @@ def max_pool2d(input: torch.Tensor, kernel_size: Any, stride: Any = None, paddin
 
 
 class native_layers(TorchFunctionMode):
-    """A context in which ``F.max_pool2d`` (and so ``nn.MaxPool2d``) runs :func:`max_pool2d`:
-    the native kernel where it applies, torch's own kernel everywhere else.
+    """A context in which ``F.max_pool2d`` (and so ``nn.MaxPool2d``) runs :func:`max_pool2d`
+    where the native kernel covers the call (:func:`native_window`); every other call runs
+    unchanged.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.MaxPool2d(2))
@@ -265,6 +312,8 @@ class native_layers(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        if func is F.max_pool2d:
+        # Only the calls the kernel covers: the others run exactly as without the mode (even
+        # under FASTMETA_IMPL=native, which would make max_pool2d refuse them).
+        if func is F.max_pool2d and not isinstance(native_window(*args, **kwargs), str):
             return max_pool2d(*args, **kwargs)
         return func(*args, **kwargs)
