@@ -735,38 +735,28 @@ void for_each_plane_range(int64_t planes, int64_t plane_elements, Body body) {
 #endif
 }
 
-void max_pool_forward(int64_t input, int64_t output, int64_t argmax, int dtype, int64_t planes,
-                      int64_t height, int64_t width, int64_t kernel_h, int64_t kernel_w) {
-  const MaxPool a = make_max_pool(height, width, kernel_h, kernel_w);
-  const auto kernel = kernels().max_pool_forward;
-  py::gil_scoped_release no_gil;
-  for_each_plane_range(planes, height * width, [&](int64_t begin, int64_t n) {
-    kernel(a, static_cast<DType>(dtype), as_ptr(input), as_ptr(output),
-           static_cast<uint8_t*>(as_ptr(argmax)), begin, n);
-  });
-}
+// Which of the three passes max_pool runs (fastmeta/ops/max_pool.py: _PASS).
+enum MaxPoolPass : int { kMaxPoolForward = 0, kMaxPoolScatter = 1, kMaxPoolGather = 2 };
 
-void max_pool_scatter(int64_t grad_output, int64_t argmax, int64_t grad_input, int dtype,
-                      int64_t planes, int64_t height, int64_t width, int64_t kernel_h,
-                      int64_t kernel_w) {
+// One pass over [planes, height, width] planes. source: the input (forward), the output
+// gradient (scatter) or the input-shaped gradient (gather); target: the output, the input
+// gradient or the output-shaped result; argmax is written by the forward, read by the others.
+void max_pool(int pass, int64_t source, int64_t target, int64_t argmax, int dtype,
+              int64_t planes, int64_t height, int64_t width, int64_t kernel_h, int64_t kernel_w) {
   const MaxPool a = make_max_pool(height, width, kernel_h, kernel_w);
-  const auto kernel = kernels().max_pool_scatter;
+  if (pass != kMaxPoolForward && pass != kMaxPoolScatter && pass != kMaxPoolGather)
+    throw std::invalid_argument("max_pool: pass must be 0 (forward), 1 (scatter) or 2 (gather)");
+  const KernelTable& k = kernels();
+  const DType type = static_cast<DType>(dtype);
   py::gil_scoped_release no_gil;
   for_each_plane_range(planes, height * width, [&](int64_t begin, int64_t n) {
-    kernel(a, static_cast<DType>(dtype), as_ptr(grad_output),
-           static_cast<const uint8_t*>(as_ptr(argmax)), as_ptr(grad_input), begin, n);
-  });
-}
-
-void max_pool_gather(int64_t grad_input_grad, int64_t argmax, int64_t out, int dtype,
-                     int64_t planes, int64_t height, int64_t width, int64_t kernel_h,
-                     int64_t kernel_w) {
-  const MaxPool a = make_max_pool(height, width, kernel_h, kernel_w);
-  const auto kernel = kernels().max_pool_gather;
-  py::gil_scoped_release no_gil;
-  for_each_plane_range(planes, height * width, [&](int64_t begin, int64_t n) {
-    kernel(a, static_cast<DType>(dtype), as_ptr(grad_input_grad),
-           static_cast<const uint8_t*>(as_ptr(argmax)), as_ptr(out), begin, n);
+    uint8_t* arg = static_cast<uint8_t*>(as_ptr(argmax));
+    if (pass == kMaxPoolForward)
+      k.max_pool_forward(a, type, as_ptr(source), as_ptr(target), arg, begin, n);
+    else if (pass == kMaxPoolScatter)
+      k.max_pool_scatter(a, type, as_ptr(source), arg, as_ptr(target), begin, n);
+    else
+      k.max_pool_gather(a, type, as_ptr(source), arg, as_ptr(target), begin, n);
   });
 }
 
@@ -1206,19 +1196,14 @@ PYBIND11_MODULE(_C, m) {
         "Memory-roofline probe: streams[s] lists the addresses of stream s's float32 tensors "
         "(numels[t] elements for tensor t); reads every stream and writes the first num_writes "
         "back in place.");
-  m.def("max_pool_forward", &max_pool_forward, py::arg("input"), py::arg("output"),
+  m.def("max_pool", &max_pool, py::arg("pass_"), py::arg("source"), py::arg("target"),
         py::arg("argmax"), py::arg("dtype"), py::arg("planes"), py::arg("height"),
         py::arg("width"), py::arg("kernel_h"), py::arg("kernel_w"),
-        "Max-pooling of contiguous [planes, height, width] input over non-overlapping "
-        "kernel_h x kernel_w windows (floor mode): writes output [planes, height // kernel_h, "
-        "width // kernel_w] and argmax (uint8, the winner's row-major position in its window).");
-  m.def("max_pool_scatter", &max_pool_scatter, py::arg("grad_output"), py::arg("argmax"),
-        py::arg("grad_input"), py::arg("dtype"), py::arg("planes"), py::arg("height"),
-        py::arg("width"), py::arg("kernel_h"), py::arg("kernel_w"),
-        "The max-pool's backward: writes every element of grad_input [planes, height, width], "
-        "grad_output at each window's winner and 0 elsewhere.");
-  m.def("max_pool_gather", &max_pool_gather, py::arg("grad_input_grad"), py::arg("argmax"),
-        py::arg("out"), py::arg("dtype"), py::arg("planes"), py::arg("height"), py::arg("width"),
-        py::arg("kernel_h"), py::arg("kernel_w"),
-        "The scatter's adjoint: out[o] = grad_input_grad at window o's winner.");
+        "Max-pooling of contiguous [planes, height, width] planes over non-overlapping "
+        "kernel_h x kernel_w windows (floor mode). pass_ 0, forward: source = input, target = "
+        "output [planes, height // kernel_h, width // kernel_w], argmax (uint8, the winner's "
+        "row-major position in its window) written. 1, scatter (the backward): source = the "
+        "output gradient, every element of target [planes, height, width] written (the "
+        "gradient at each winner, 0 elsewhere). 2, gather (the scatter's adjoint): source = an "
+        "input-shaped tensor, target[o] = source at window o's winner.");
 }

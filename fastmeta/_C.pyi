@@ -146,6 +146,12 @@ def adam_hd_step(
 
 def stream(streams: list[list[int]], num_writes: int, numels: list[int]) -> None: ...
 
+# Max-pooling over non-overlapping windows (fastmeta/ops/max_pool.py): pass_ 0 forward (writes
+# argmax, uint8), 1 scatter (the backward), 2 gather (the scatter's adjoint), on contiguous
+# [planes, height, width] planes.
+def max_pool(pass_: int, source: int, target: int, argmax: int, dtype: int, planes: int,
+             height: int, width: int, kernel_h: int, kernel_w: int) -> None: ...
+
 # Out-of-place, task-batched, differentiable steps (fastmeta/ops/tensor_lists.py). Every tensor
 # is a [T, N] contiguous buffer of one dtype (code `dtype`); an address of 0 means "absent".
 # `states`/`states_out` hold one address per state slot of the rule (sgd: momentum buffer;

@@ -141,27 +141,32 @@ def _pooled_shape(shape: torch.Size, kh: int, kw: int) -> torch.Size:
     return torch.Size([*shape[:-2], shape[-2] // kh, shape[-1] // kw])
 
 
+# The passes of _C.max_pool (csrc/bindings.cpp: MaxPoolPass).
+_FORWARD, _SCATTER, _GATHER = 0, 1, 2
+
+
+def _run(pass_: int, source: torch.Tensor, target: torch.Tensor, argmax: torch.Tensor,
+         plane_shape: torch.Size, kh: int, kw: int) -> torch.Tensor:
+    """One native pass over the planes of ``plane_shape`` (the input's shape); returns target."""
+    backends.native().max_pool(pass_, source.data_ptr(), target.data_ptr(), argmax.data_ptr(),
+                               DTYPE_CODES[source.dtype], _planes(plane_shape), plane_shape[-2],
+                               plane_shape[-1], kh, kw)
+    return target
+
+
 def _scatter(grad_output: torch.Tensor, argmax: torch.Tensor, input_shape: torch.Size,
              kh: int, kw: int) -> torch.Tensor:
     grad_output = grad_output.contiguous()
-    grad_input = grad_output.new_empty(input_shape)
-    # Arguments: (grad_output, argmax, grad_input), every element of grad_input written.
-    backends.native().max_pool_scatter(
-        grad_output.data_ptr(), argmax.data_ptr(), grad_input.data_ptr(),
-        DTYPE_CODES[grad_output.dtype], _planes(input_shape), input_shape[-2], input_shape[-1],
-        kh, kw)
-    return grad_input
+    return _run(_SCATTER, grad_output, grad_output.new_empty(input_shape), argmax, input_shape,
+                kh, kw)
 
 
 def _gather(grad_input_grad: torch.Tensor, argmax: torch.Tensor, kh: int,
             kw: int) -> torch.Tensor:
     grad_input_grad = grad_input_grad.contiguous()
     shape = grad_input_grad.shape
-    out = grad_input_grad.new_empty(_pooled_shape(shape, kh, kw))
-    backends.native().max_pool_gather(
-        grad_input_grad.data_ptr(), argmax.data_ptr(), out.data_ptr(),
-        DTYPE_CODES[grad_input_grad.dtype], _planes(shape), shape[-2], shape[-1], kh, kw)
-    return out
+    return _run(_GATHER, grad_input_grad, grad_input_grad.new_empty(_pooled_shape(shape, kh, kw)),
+                argmax, shape, kh, kw)
 
 
 def _window_index(argmax: torch.Tensor, input_shape: torch.Size, kh: int,
@@ -241,12 +246,8 @@ class MaxPool2dFunction(Function):
     @staticmethod
     def forward(input, kh, kw):  # type: ignore[override]
         shape = _pooled_shape(input.shape, kh, kw)
-        output = input.new_empty(shape)
         argmax = torch.empty(shape, dtype=torch.uint8)
-        backends.native().max_pool_forward(
-            input.data_ptr(), output.data_ptr(), argmax.data_ptr(), DTYPE_CODES[input.dtype],
-            _planes(input.shape), input.shape[-2], input.shape[-1], kh, kw)
-        return output, argmax
+        return _run(_FORWARD, input, input.new_empty(shape), argmax, input.shape, kh, kw), argmax
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
