@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from fastmeta._autograd import Function
-from fastmeta.ops.max_pool import native_layers
+from fastmeta.ops.max_pool import native_pool_modules
 
 __all__ = ["MUTABLE_BUFFERS", "FlatEntry", "FlatLayout", "buffer_mutating_modules", "flatten"]
 
@@ -314,16 +314,16 @@ class FlatLayout:
         """:meth:`functional_call` without the checks, for loops that validated once.
 
         A module with ``nn.MaxPool2d`` layers runs inside
-        :class:`fastmeta.ops.max_pool.native_layers`: their non-overlapping CPU windows take the
-        native kernel (torch's NCHW max-pool was a fifth of a conv-4 MAML step); everything else
-        runs as it is.
+        :func:`fastmeta.ops.max_pool.native_pool_modules`: their non-overlapping CPU windows take
+        the native kernel (torch's NCHW max-pool was a fifth of a conv-4 MAML step); everything
+        else runs as it is.
         """
         views = [c.view(e.shape) for e, c in zip(self.entries, self.split(flat))]
         named = {name: views[i] for name, i in self.slots}
         if (flat.device.type == "cpu" and not torch._C._are_functorch_transforms_active()
                 and not torch.compiler.is_compiling()
                 and has_max_pool(module)):  # (under vmap and compile the kernel cannot run)
-            with native_layers():
+            with native_pool_modules(module):
                 return torch.func.functional_call(
                     module, named, args, kwargs, tie_weights=False, strict=False
                 )

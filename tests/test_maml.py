@@ -151,7 +151,9 @@ def test_meta_sgd_learns_the_inner_lr(learn, first_order):
 
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
-def test_conv4_batchnorm_meta_gradient(first_order):
+def test_conv4_batchnorm_meta_gradient(first_order, monkeypatch):
+    # Every max-pool on the kernel, however small (the routing's size threshold set to 0).
+    monkeypatch.setattr("fastmeta.ops.max_pool.MIN_NATIVE_ELEMENTS", 0)
     torch.manual_seed(0)
     model = Conv4(in_channels=1, ways=3, filters=4, image_size=8).double()
     classes = [TensorClass(str(c), torch.rand(4, 1, 8, 8, dtype=torch.float64))
@@ -175,6 +177,7 @@ def test_conv4_batchnorm_meta_gradient(first_order):
 def test_conv4_float32_native_layers_match_the_reference(monkeypatch):
     """conv-4 at the benchmark's image size in float32: the meta-gradient with the native
     max-pool (and fused update) equals the one with FASTMETA_IMPL=reference (torch's pooling)."""
+    monkeypatch.setattr("fastmeta.ops.max_pool.MIN_NATIVE_ELEMENTS", 0)
     torch.manual_seed(0)
     model = Conv4(in_channels=1, ways=5, filters=8, image_size=28)
     gen = torch.Generator().manual_seed(0)

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastmeta.ops.max_pool as max_pool_op
 from fastmeta import backends
 from fastmeta.backends import Impl, ImplementationUnavailable
 from fastmeta.flat import FlatLayout
-from fastmeta.ops.max_pool import max_pool2d, native_layers, native_window
+from fastmeta.ops.max_pool import max_pool2d, native_layers, native_pool_modules, native_window
 
 pytestmark = pytest.mark.native
 
@@ -176,7 +177,51 @@ def test_under_vmap_it_runs_torch():
     assert torch.equal(out, F.max_pool2d(x, 2))
 
 
-def test_native_layers_routes_modules_and_functional_calls():
+@pytest.fixture
+def all_sizes(monkeypatch):
+    """The automatic routing (the mode, fastmeta's functional calls) takes the kernel from
+    MIN_NATIVE_ELEMENTS input elements up; tests on small tensors lower that to 0."""
+    monkeypatch.setattr(max_pool_op, "MIN_NATIVE_ELEMENTS", 0)
+
+
+def test_automatic_routing_leaves_small_pools_to_torch():
+    net = nn.Sequential(nn.MaxPool2d(2))
+    small = torch.randn(2, 4, 8, 8)
+    large = torch.randn(2, 16, 64, 64)  # 131,072 elements: the threshold
+    assert large.numel() == max_pool_op.MIN_NATIVE_ELEMENTS
+    for context in (native_layers, lambda: native_pool_modules(net)):
+        with backends.trace() as calls, context():
+            net(small)
+            net(large)
+        assert calls == [("max_pool2d", Impl.NATIVE)]
+    # An explicit call takes the kernel at any size.
+    with backends.trace() as calls:
+        max_pool2d(small, 2)
+    assert calls == [("max_pool2d", Impl.NATIVE)]
+
+
+def test_native_pool_modules_patches_and_restores():
+    class OwnPool(nn.MaxPool2d):
+        pass
+
+    custom = nn.MaxPool2d(2)
+    custom.forward = lambda x: x  # an instance-level forward of the user's: left alone
+    net = nn.Sequential(nn.MaxPool2d(2), OwnPool(2), custom, nn.Sequential(nn.MaxPool2d(2)))
+    x = torch.randn(1, 2, 128, 128).repeat(40, 4, 1, 1)  # above the threshold after two pools
+    with backends.trace() as calls, native_pool_modules(net):
+        assert "forward" in net[0].__dict__ and "forward" in net[3][0].__dict__
+        assert "forward" not in net[1].__dict__ and net[2].forward(x) is x
+        y = net(x)
+    assert calls == [("max_pool2d", Impl.NATIVE)] * 2  # net[0] and net[3][0]
+    assert torch.equal(y, net(x))
+    assert "forward" not in net[0].__dict__ and "forward" not in net[3][0].__dict__
+    assert custom.forward(x) is x
+    with pytest.raises(RuntimeError, match="boom"), native_pool_modules(net):
+        raise RuntimeError("boom")
+    assert "forward" not in net[0].__dict__
+
+
+def test_native_layers_routes_modules_and_functional_calls(all_sizes):
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                         nn.MaxPool2d(3, stride=1))
     x = torch.randn(5, 1, 12, 12)
@@ -188,7 +233,7 @@ def test_native_layers_routes_modules_and_functional_calls():
     assert torch.equal(y, net(x)) and torch.equal(z, F.max_pool2d(net(x), 2))
 
 
-def test_functional_calls_of_fastmeta_use_it_for_max_pool_models_only():
+def test_functional_calls_of_fastmeta_use_it_for_max_pool_models_only(all_sizes):
     pooled = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten())
     plain = nn.Sequential(nn.Linear(3, 2))
     for model, x, expected in ((pooled, torch.randn(2, 1, 8, 8), [("max_pool2d", Impl.NATIVE)]),
@@ -275,7 +320,8 @@ def test_batched_backward_under_vmap_equals_torch():
         assert _same(a, b)
 
 
-def test_the_mode_leaves_uncovered_pools_alone_even_when_native_is_forced(monkeypatch):
+def test_the_mode_leaves_uncovered_pools_alone_even_when_native_is_forced(monkeypatch,
+                                                                          all_sizes):
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(3, stride=2), nn.MaxPool2d(2))
     layout = FlatLayout.of(net)
     x = torch.randn(2, 1, 16, 16)
