@@ -73,9 +73,9 @@ def buffer_mutating_modules(module: nn.Module) -> list[str]:
 
 
 def has_max_pool(module: nn.Module) -> bool:
-    """Whether ``module`` has an ``nn.MaxPool2d`` submodule (see
+    """Whether ``module`` has an ``nn.MaxPool2d`` submodule, of that class itself (see
     :meth:`FlatLayout.call_unchecked`)."""
-    return any(isinstance(m, nn.MaxPool2d) for m in module.modules())
+    return any(type(m) is nn.MaxPool2d for m in module.modules())
 
 
 class FlatLayout:
@@ -314,9 +314,9 @@ class FlatLayout:
         """:meth:`functional_call` without the checks, for loops that validated once.
 
         A module with ``nn.MaxPool2d`` layers runs inside
-        :func:`fastmeta.ops.max_pool.native_pool_modules`: their non-overlapping CPU windows take
-        the native kernel (torch's NCHW max-pool was a fifth of a conv-4 MAML step); everything
-        else runs as it is.
+        :func:`fastmeta.ops.max_pool.native_pool_modules`: their non-overlapping CPU windows on
+        inputs of at least ``MIN_NATIVE_ELEMENTS`` (131,072) elements take the native kernel
+        (torch's NCHW max-pool was a fifth of a conv-4 MAML step); everything else runs as it is.
         """
         views = [c.view(e.shape) for e, c in zip(self.entries, self.split(flat))]
         named = {name: views[i] for name, i in self.slots}

@@ -221,6 +221,52 @@ def test_native_pool_modules_patches_and_restores():
     assert "forward" not in net[0].__dict__
 
 
+def test_native_pool_modules_nests_shares_and_copies(all_sizes):
+    import copy
+
+    shared = nn.MaxPool2d(2)
+    net = nn.Sequential(shared, nn.ReLU(), shared)  # one pool used twice: patched once
+    x = torch.randn(2, 3, 16, 16)
+    with backends.trace() as calls, native_pool_modules(net):
+        with native_pool_modules(net):  # nested on the same module
+            net(x)
+        assert "forward" in shared.__dict__  # the outer block still holds it
+        clone = copy.deepcopy(net)  # a copy made inside the block
+        net(x)
+        clone(x)
+    assert calls == [("max_pool2d", Impl.NATIVE)] * 4  # the copy ran torch's pool
+    assert "forward" not in shared.__dict__
+    with backends.trace() as calls:
+        assert torch.equal(clone(x), net(x))  # the copy keeps behaving as nn.MaxPool2d
+    assert calls == []
+    # A forward the user sets inside the block is theirs: not removed on exit.
+    with native_pool_modules(net):
+        mine = lambda t: t  # noqa: E731
+        shared.forward = mine
+    assert shared.forward is mine
+    # return_indices=True: the kernel does not cover it, torch's result comes back.
+    pool = nn.MaxPool2d(2, return_indices=True)
+    with native_pool_modules(pool):
+        out, idx = pool(x)
+    ref_out, ref_idx = F.max_pool2d(x, 2, return_indices=True)
+    assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
+
+
+def test_fastmeta_calls_use_the_kernel_from_the_threshold_up():
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.MaxPool2d(2), nn.MaxPool2d(2))
+    layout = FlatLayout.of(net)
+    theta = layout.flatten(net)
+    # 32 x 16 x 16 x 16 = 131,072 elements into the first pool, 32,768 into the second.
+    x = torch.randn(32, 1, 16, 16)
+    with backends.trace() as calls:
+        out = layout.call_unchecked(net, theta, (x,))
+    assert calls == [("max_pool2d", Impl.NATIVE)]
+    torch.testing.assert_close(out, net(x))
+    with backends.trace() as calls:
+        layout.call_unchecked(net, theta, (x[:31],))  # 126,976: both pools stay with torch
+    assert calls == []
+
+
 def test_native_layers_routes_modules_and_functional_calls(all_sizes):
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                         nn.MaxPool2d(3, stride=1))

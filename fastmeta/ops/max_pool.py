@@ -33,12 +33,13 @@ because it is not the slow path this op exists to replace.
 it on this op. fastmeta's own functional calls (:meth:`fastmeta.flat.FlatLayout.call_unchecked`:
 the loop strategy, MAML's query forward) use the cheaper :func:`native_pool_modules` around
 each task's forward, so a user's plain ``nn.Module`` gets the kernel without being changed.
+Both leave pools on inputs under :data:`MIN_NATIVE_ELEMENTS` elements to torch (see there).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -328,33 +329,70 @@ def _covered_or_torch(*args: Any, **kwargs: Any) -> Any:
     return max_pool2d(*args, **kwargs)
 
 
-def _pool_module_forward(module: torch.nn.MaxPool2d, input: torch.Tensor) -> Any:
-    return _covered_or_torch(input, module.kernel_size, module.stride, module.padding,
-                             module.dilation, ceil_mode=module.ceil_mode,
-                             return_indices=module.return_indices)
+# Modules whose kernel forward a native_pool_modules block holds, by id, with the number of
+# blocks (nested, or in other threads) holding each; guarded by _HELD_LOCK.
+_HELD: dict[int, int] = {}
+_HELD_LOCK = threading.Lock()
+
+
+class _KernelPoolForward:
+    """The instance-level ``forward`` :func:`native_pool_modules` gives an ``nn.MaxPool2d``.
+
+    It runs the kernel only while a block holds its module, and torch's own forward otherwise:
+    a copy of the module made inside a block (``copy.deepcopy`` copies the attribute, bound to
+    the copy) never holds it, so the copy behaves as a plain ``nn.MaxPool2d``."""
+
+    def __init__(self, module: torch.nn.MaxPool2d) -> None:
+        self.module = module
+
+    def __call__(self, input: torch.Tensor) -> Any:
+        m = self.module
+        if id(m) not in _HELD:
+            return torch.nn.MaxPool2d.forward(m, input)
+        return _covered_or_torch(input, m.kernel_size, m.stride, m.padding, m.dilation,
+                                 ceil_mode=m.ceil_mode, return_indices=m.return_indices)
+
+
+def _ours(module: torch.nn.Module) -> bool:
+    current = module.__dict__.get("forward")
+    return isinstance(current, _KernelPoolForward) and current.module is module
 
 
 @contextlib.contextmanager
 def native_pool_modules(module: torch.nn.Module) -> Iterator[None]:
     """Within the block, every ``nn.MaxPool2d`` submodule of ``module`` (the class itself, not a
     subclass, which may have its own forward) runs the calls the kernel covers on it, from
-    :data:`MIN_NATIVE_ELEMENTS` input elements up.
+    :data:`MIN_NATIVE_ELEMENTS` input elements up; the others, and every ``F.max_pool2d``
+    called directly, run torch's kernel.
 
     Cheaper than :class:`native_layers`, which intercepts every torch call in the block (about
-    1.3 µs each, 5% of a small conv-4 MAML step): here nothing but the pools changes, by an
-    instance attribute ``forward`` set on entry and removed on exit. A module that already has
-    an instance-level ``forward`` is left alone. Results are the same with or without the block,
-    so a concurrent caller that finds the attribute set or removed is never wrong."""
-    patched = []
-    for sub in module.modules():
-        if type(sub) is torch.nn.MaxPool2d and "forward" not in sub.__dict__:
-            sub.forward = functools.partial(_pool_module_forward, sub)
-            patched.append(sub)
+    1.3 µs each, 5% of a small conv-4 MAML step): only the pools change, through an instance
+    attribute ``forward`` (:class:`_KernelPoolForward`) set when the first block takes a module
+    and removed when the last one (nested, or in another thread) lets it go. A module with an
+    instance-level ``forward`` of its own is left alone, and so is one set inside the block.
+    Results are the same with or without the block; pickling the model inside the block
+    records the attribute (a reference to this module)."""
+    held = []
+    with _HELD_LOCK:
+        for sub in module.modules():
+            if type(sub) is not torch.nn.MaxPool2d:
+                continue
+            if "forward" not in sub.__dict__:
+                sub.forward = _KernelPoolForward(sub)
+            elif not _ours(sub):
+                continue  # the user's own forward
+            _HELD[id(sub)] = _HELD.get(id(sub), 0) + 1
+            held.append(sub)
     try:
         yield
     finally:
-        for sub in patched:
-            sub.__dict__.pop("forward", None)
+        with _HELD_LOCK:
+            for sub in held:
+                left = _HELD.pop(id(sub)) - 1
+                if left:
+                    _HELD[id(sub)] = left
+                elif _ours(sub):
+                    del sub.__dict__["forward"]
 
 
 class native_layers(TorchFunctionMode):
