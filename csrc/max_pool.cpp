@@ -30,9 +30,10 @@ namespace fastmeta {
 namespace FASTMETA_ISA {
 namespace {
 
-// a replaces the running maximum m when it is larger or NaN (torch's rule). `|`, not `||`:
-// with short-circuit GCC emitted a branch per test, mispredicted on data such as ReLU outputs
-// (the scalar 2x2 loop ran at ~11 ns per output).
+// a replaces the running maximum m when it is larger or NaN (torch's rule). GCC still compiles
+// the scalar loops that use it into branches, mispredicted on data such as ReLU outputs: the
+// unrolled scalar 2x2 loop below runs [75, 64, 28, 28] in ~5.5 ms on one thread (the general
+// loop 18 ms, which is why it stays), the SIMD rows in under 1 ms.
 template <typename C>
 static inline bool wins(C a, C m) {
   return (a > m) | (a != a);

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,12 +71,6 @@ def buffer_mutating_modules(module: nn.Module) -> list[str]:
         ):
             names.append(name or type(m).__name__)
     return names
-
-
-def has_max_pool(module: nn.Module) -> bool:
-    """Whether ``module`` has an ``nn.MaxPool2d`` submodule, of that class itself (see
-    :meth:`FlatLayout.call_unchecked`)."""
-    return any(type(m) is nn.MaxPool2d for m in module.modules())
 
 
 class FlatLayout:
@@ -320,16 +315,13 @@ class FlatLayout:
         """
         views = [c.view(e.shape) for e, c in zip(self.entries, self.split(flat))]
         named = {name: views[i] for name, i in self.slots}
-        if (flat.device.type == "cpu" and not torch._C._are_functorch_transforms_active()
-                and not torch.compiler.is_compiling()
-                and has_max_pool(module)):  # (under vmap and compile the kernel cannot run)
-            with native_pool_modules(module):
-                return torch.func.functional_call(
-                    module, named, args, kwargs, tie_weights=False, strict=False
-                )
-        return torch.func.functional_call(
-            module, named, args, kwargs, tie_weights=False, strict=False
-        )
+        # (Under vmap and while torch.compile traces, the kernel cannot run.)
+        pools = (flat.device.type == "cpu" and not torch._C._are_functorch_transforms_active()
+                 and not torch.compiler.is_compiling())
+        with native_pool_modules(module) if pools else contextlib.nullcontext():
+            return torch.func.functional_call(
+                module, named, args, kwargs, tie_weights=False, strict=False
+            )
 
     def flatten(self, module: nn.Module) -> torch.Tensor:
         """A new contiguous ``[N]`` buffer holding ``module``'s parameters (detached)."""

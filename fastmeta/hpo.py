@@ -602,40 +602,37 @@ class _UnrolledMLP(Function):
         need_theta0, need_buffer0, *need_hypers = ctx.needs_input_grad[1:]
         steps = len(plan.batches)
         kernels = ctx.kernels
-        if ctx.native is not None:
-            d_lr, d_tables = kernels.new_lr_grad(), kernels.new_table_grads(steps)
-            theta_bar, buffer_bar = ctx.native.backward(
-                theta_bar, buffer_bar, d_lr, d_tables, need_theta0,
-                need_buffer0 and buffer0 is not None)
-            hyper_bars = [d if need else None for d, need in zip(
-                kernels.hyper_grads(plan.later, hypers, d_lr, d_tables.sum(0)), need_hypers)]
-            return (None, theta_bar, buffer_bar, *hyper_bars)
-        thetas, buffers = [theta0, *ctx.thetas], [buffer0, *ctx.buffers]
         hyper_bars: list[torch.Tensor | None] = [None] * len(hypers)
         if kernels is not None:  # every step adds to these; summed once at the end
             d_lr, d_tables = kernels.new_lr_grad(), kernels.new_table_grads(steps)
-        for k in range(steps - 1, -1, -1):
-            # θ̄_0 and b̄_0 only where asked for: at k = 0 the HVP may be skipped.
-            want_theta = k > 0 or need_theta0
-            want_buffer = buffers[k] is not None and (k > 0 or need_buffer0)
-            needs = (want_theta, want_theta, want_buffer)
-            if kernels is None:
-                d_theta, d_grad, d_buffer, *d_hypers = _reference_step_vjp(
-                    plan.config(k), thetas[k], ctx.grads[k], buffers[k], hypers,
-                    [theta_bar, buffer_bar], (*needs, *need_hypers))
-                for i, d in enumerate(d_hypers):
-                    if d is not None:
-                        hyper_bars[i] = d if hyper_bars[i] is None else hyper_bars[i].add_(d)
-            else:
-                d_theta, d_grad, d_buffer = kernels.backward(
-                    plan.config(k), thetas[k], ctx.grads[k], [buffers[k]],
-                    [theta_bar, buffer_bar], needs, d_lr, d_tables[k])
-            if want_theta:
-                # Not in place on d_theta: without weight decay it is θ̄_{k+1} itself.
-                theta_bar = plan.spec.hvp(thetas[k], ctx.tapes[k], d_grad)
-                if d_theta is not None:  # None: no θ̄_{k+1} and no weight decay
-                    theta_bar.add_(d_theta)
-            buffer_bar = d_buffer
+        if ctx.native is not None:  # the whole reverse pass in one native call
+            theta_bar, buffer_bar = ctx.native.backward(
+                theta_bar, buffer_bar, d_lr, d_tables, need_theta0,
+                need_buffer0 and buffer0 is not None)
+        else:
+            thetas, buffers = [theta0, *ctx.thetas], [buffer0, *ctx.buffers]
+            for k in range(steps - 1, -1, -1):
+                # θ̄_0 and b̄_0 only where asked for: at k = 0 the HVP may be skipped.
+                want_theta = k > 0 or need_theta0
+                want_buffer = buffers[k] is not None and (k > 0 or need_buffer0)
+                needs = (want_theta, want_theta, want_buffer)
+                if kernels is None:
+                    d_theta, d_grad, d_buffer, *d_hypers = _reference_step_vjp(
+                        plan.config(k), thetas[k], ctx.grads[k], buffers[k], hypers,
+                        [theta_bar, buffer_bar], (*needs, *need_hypers))
+                    for i, d in enumerate(d_hypers):
+                        if d is not None:
+                            hyper_bars[i] = d if hyper_bars[i] is None else hyper_bars[i].add_(d)
+                else:
+                    d_theta, d_grad, d_buffer = kernels.backward(
+                        plan.config(k), thetas[k], ctx.grads[k], [buffers[k]],
+                        [theta_bar, buffer_bar], needs, d_lr, d_tables[k])
+                if want_theta:
+                    # Not in place on d_theta: without weight decay it is θ̄_{k+1} itself.
+                    theta_bar = plan.spec.hvp(thetas[k], ctx.tapes[k], d_grad)
+                    if d_theta is not None:  # None: no θ̄_{k+1} and no weight decay
+                        theta_bar.add_(d_theta)
+                buffer_bar = d_buffer
         if kernels is not None:
             hyper_bars = [d if need else None for d, need in zip(
                 kernels.hyper_grads(plan.later, hypers, d_lr, d_tables.sum(0)), need_hypers)]

@@ -68,6 +68,12 @@ def _has_data(t: torch.Tensor) -> bool:
     return type(t) in _PLAIN_TENSORS and torch._C._has_storage(t)
 
 
+def _kernel_reads(t: torch.Tensor) -> bool:
+    """:func:`_has_data`, and no ``torch.func`` transform active: the scatter and gather then
+    run on the kernel, else as torch ops."""
+    return _has_data(t) and not torch._C._are_functorch_transforms_active()
+
+
 def max_pool2d_reference(input: torch.Tensor, kernel_size: Any, stride: Any = None,
                          padding: Any = 0, dilation: Any = 1, ceil_mode: bool = False,
                          return_indices: bool = False) -> Any:
@@ -190,7 +196,7 @@ def scatter(grad_output: torch.Tensor, argmax: torch.Tensor, input_shape: torch.
     """``S_a(ȳ)``, differentiable: the kernel, or (under a ``torch.func`` transform, in a
     backward with ``is_grads_batched=True``, or for a tensor subclass) the same map in torch
     ops. ``scatter_add`` into zeros, so a ``-0.0`` gradient lands as ``+0.0`` as in torch."""
-    if torch._C._are_functorch_transforms_active() or not _has_data(grad_output):
+    if not _kernel_reads(grad_output):
         index = _window_index(argmax, input_shape, kh, kw)
         flat = grad_output.reshape(index.shape)
         return flat.new_zeros(index.shape[0], input_shape[-2] * input_shape[-1]).scatter_add(
@@ -201,7 +207,7 @@ def scatter(grad_output: torch.Tensor, argmax: torch.Tensor, input_shape: torch.
 def gather(grad_input_grad: torch.Tensor, argmax: torch.Tensor, kh: int,
            kw: int) -> torch.Tensor:
     """``G_a(x̄')``, differentiable, with the same two paths as :func:`scatter`."""
-    if torch._C._are_functorch_transforms_active() or not _has_data(grad_input_grad):
+    if not _kernel_reads(grad_input_grad):
         shape = grad_input_grad.shape
         index = _window_index(argmax, shape, kh, kw)
         return grad_input_grad.reshape(index.shape[0], -1).gather(1, index).view(argmax.shape)
@@ -287,6 +293,14 @@ def max_pool2d(input: torch.Tensor, kernel_size: Any, stride: Any = None, paddin
     """
     window = native_window(input, kernel_size, stride, padding, dilation, ceil_mode,
                            return_indices)
+    return _dispatch(window, impl, input, kernel_size, stride, padding, dilation, ceil_mode,
+                     return_indices)
+
+
+def _dispatch(window: tuple[int, int] | str, impl: Impl | str, input: torch.Tensor,
+              *args: Any) -> Any:
+    """:func:`max_pool2d` once :func:`native_window` has been asked (``window``); ``args`` are
+    the rest of ``F.max_pool2d``'s arguments, in its order."""
     requested = backends.requested_impl(impl)
     if requested is Impl.TRITON:
         raise ImplementationUnavailable("max_pool2d: impl=triton was requested but fastmeta has "
@@ -296,12 +310,10 @@ def max_pool2d(input: torch.Tensor, kernel_size: Any, stride: Any = None, paddin
             f"max_pool2d: impl=native was requested but the kernel cannot run this call: {window}")
     if isinstance(window, str) or requested is Impl.REFERENCE:
         backends.note("max_pool2d", Impl.REFERENCE)
-        return max_pool2d_reference(input, kernel_size, stride, padding, dilation, ceil_mode,
-                                    return_indices)
+        return max_pool2d_reference(input, *args)
     # auto without the extension: resolve warns once and says reference.
     if backends.resolve(requested, input.device, op="max_pool2d") is not Impl.NATIVE:
-        return max_pool2d_reference(input, kernel_size, stride, padding, dilation, ceil_mode,
-                                    return_indices)
+        return max_pool2d_reference(input, *args)
     output, _ = MaxPool2dFunction.apply(input, *window)
     return output
 
@@ -318,15 +330,19 @@ def max_pool2d(input: torch.Tensor, kernel_size: Any, stride: Any = None, paddin
 MIN_NATIVE_ELEMENTS = 1 << 17
 
 
-def _covered_or_torch(*args: Any, **kwargs: Any) -> Any:
-    """``F.max_pool2d(*args, **kwargs)``: on :func:`max_pool2d` where the kernel covers the call
-    and the input has at least :data:`MIN_NATIVE_ELEMENTS` elements (``FASTMETA_IMPL`` then
-    still decides), as torch's own call everywhere else."""
-    input = args[0] if args else kwargs.get("input")
-    if (not isinstance(input, torch.Tensor) or input.numel() < MIN_NATIVE_ELEMENTS
-            or isinstance(native_window(*args, **kwargs), str)):
-        return F.max_pool2d(*args, **kwargs)
-    return max_pool2d(*args, **kwargs)
+def _covered_or_torch(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
+                      dilation: Any = 1, ceil_mode: bool = False,
+                      return_indices: bool = False) -> Any:
+    """``F.max_pool2d(...)``: on the kernel where it covers the call and the input has at least
+    :data:`MIN_NATIVE_ELEMENTS` elements (``FASTMETA_IMPL`` then still decides), as torch's
+    own call everywhere else. The call is checked once (:func:`native_window`)."""
+    args = (kernel_size, stride, padding, dilation, ceil_mode, return_indices)
+    if not isinstance(input, torch.Tensor) or input.numel() < MIN_NATIVE_ELEMENTS:
+        return max_pool2d_reference(input, *args)
+    window = native_window(input, *args)
+    if isinstance(window, str):
+        return max_pool2d_reference(input, *args)
+    return _dispatch(window, Impl.AUTO, input, *args)
 
 
 # Modules whose kernel forward a native_pool_modules block holds, by id, with the number of
@@ -372,11 +388,13 @@ def native_pool_modules(module: torch.nn.Module) -> Iterator[None]:
     instance-level ``forward`` of its own is left alone, and so is one set inside the block.
     Results are the same with or without the block; pickling the model inside the block
     records the attribute (a reference to this module)."""
+    pools = [sub for sub in module.modules() if type(sub) is torch.nn.MaxPool2d]
+    if not pools:  # the common case for models without pools: no lock, nothing to undo
+        yield
+        return
     held = []
     with _HELD_LOCK:
-        for sub in module.modules():
-            if type(sub) is not torch.nn.MaxPool2d:
-                continue
+        for sub in pools:
             if "forward" not in sub.__dict__:
                 sub.forward = _KernelPoolForward(sub)
             elif not _ours(sub):
