@@ -25,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -81,6 +82,38 @@ _SUPPORT: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], list[str]]
 # Correctness overrides speed: affine norm layers get wrong second-order gradients under vmap
 # (see _wrong_under_vmap_second_order), so "auto" runs those models batched (when they have no
 # convolutions) or in the loop when create_graph=True, and in vmap for first order.
+#
+# Size decides between vmap and the loop on convolutional models (later measurements, AVX-512
+# machine, meta-steps with vmap against the loop timed in turn, median of 5-30 pairs each;
+# conv-4 = 4 x [3x3 conv, BN, ReLU, 2x2 max-pool], 5-way, one inner step, first order unless
+# noted; "positions" = examples x H x W of one task's input):
+#
+#   model, T=8                                positions per task     vmap/loop time
+#                                             support   query
+#   conv-4 64 filters 28x28, 15 q/class        3,920    58,800       2.37
+#   conv-4 32 filters 28x28, 15 q/class        3,920    58,800       2.15
+#   conv-4 16 filters 28x28, 15 q/class        3,920    58,800       1.55
+#   conv-4 64 filters 28x28, 5-shot, 1 q/class 19,600    3,920       1.57
+#   conv-4 64 filters 28x28, 5 q/class         3,920    19,600       1.45
+#   conv-4 16 filters 28x28, 5-shot, 5 q/class 19,600   19,600       1.16
+#   conv-4 32 filters 28x28, 5 q/class         3,920    19,600       1.05
+#   conv-4 32 filters 28x28, 5-shot, 1 q/class 19,600    3,920       1.03
+#   no-BN conv-4 32 filters 28x28, 15 q/class  3,920    58,800       2.22 (second order 1.75)
+#   no-BN conv-4 32 filters 28x28, 5 q/class   3,920    19,600       1.02 (second order 1.16)
+#   conv-4 64 filters 28x28, 1 q/class         3,920     3,920       0.85
+#   conv-4 64 filters 8x8, 15 q/class            320     4,800       0.75
+#   conv-4 32 filters 28x28, 1 q/class         3,920     3,920       0.68
+#   no-BN conv-4 32 filters 28x28, 1 q/class   3,920     3,920       0.64 (second order 0.61)
+#   conv-4 32 filters 8x8, 5 q/class             320     1,600       0.46
+#
+# At T=2, 4, 16 and 32 the 19,600-position rows kept the loop ahead (1.43-1.90x); the rows of
+# 3,920-4,800 positions went either way (0.71-1.24x) and the 1,600-position row stayed with
+# vmap (0.36-0.71x). vmap runs a convolution of all T tasks as one grouped convolution, whose
+# CPU kernel is slower per example than the plain convolution the loop runs once per task as
+# the images grow. So on the CPU "auto" runs a convolutional model's per-task passes in the
+# loop once a task's input holds LOOP_MIN_POSITIONS positions (see resolve_strategy); each pass
+# (the inner loop on the support set, the query forward) decides on its own input.
+LOOP_MIN_POSITIONS = 16_384
 
 
 class InnerLoopResult(NamedTuple):
@@ -135,7 +168,8 @@ def _wrong_under_vmap_second_order(module: nn.Module) -> list[str]:
     return names
 
 
-def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = True) -> str:
+def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = True,
+                     inputs: Sequence[Any] = ()) -> str:
     """Turns ``strategy`` into ``"mlp"``, ``"batched"``, ``"vmap"`` or ``"loop"`` for this model.
 
     ``"mlp"`` (asked for by name, or taken by :func:`inner_loop` under ``"auto"`` where it
@@ -144,12 +178,23 @@ def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = T
 
     ``"auto"`` is ``"batched"`` for a model without convolutions that :mod:`fastmeta.batched`
     can run (every layer has a task-batched form; see the measurements above). Otherwise it is
-    ``"vmap"``, except where vmap cannot run or runs wrong; then it is ``"loop"``:
+    ``"vmap"``, except where vmap cannot run, runs wrong or was measured slower; then it is
+    ``"loop"``:
 
     * a forward that updates buffers in place (allowed with ``mutable_buffers="allow"``);
     * second order (``create_graph``) through a norm layer whose second derivatives torch
       computes wrongly under vmap (see :func:`_wrong_under_vmap_second_order`);
-    * a model on which vmap already failed once in :func:`inner_loop`.
+    * a model on which vmap already failed once in :func:`inner_loop`;
+    * a convolutional model given CPU ``inputs`` of image shape ``[T, n, C, *spatial]`` with
+      at least :data:`LOOP_MIN_POSITIONS` positions per task (``n × prod(spatial)``): there
+      the loop was 1.02-2.4x faster than vmap (the measurements above).
+
+    Args:
+        strategy: what was asked for.
+        module: the model.
+        create_graph: whether the per-task gradients will be differentiated (second order).
+        inputs: the task-batched inputs of the pass the strategy is for, if known (the size
+            rule above needs them; without them "auto" never picks the loop for size).
 
     Raises:
         ValueError: an unknown strategy, ``"mlp"`` for a model that is not a plain MLP,
@@ -185,7 +230,21 @@ def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = T
         )
     if strategy != "auto":
         return strategy
-    return "loop" if mutates or wrong or module in _VMAP_FAILED else "vmap"
+    if mutates or wrong or module in _VMAP_FAILED:
+        return "loop"
+    if _has_convolutions(module) and _positions_per_task(inputs) >= LOOP_MIN_POSITIONS:
+        return "loop"
+    return "vmap"
+
+
+def _positions_per_task(inputs: Sequence[Any]) -> int:
+    """The largest ``n × prod(spatial)`` among CPU image inputs ``[T, n, C, *spatial]``, 0 if
+    there are none (the size rule of :func:`resolve_strategy` was measured on the CPU only)."""
+    largest = 0
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() >= 4 and x.device.type == "cpu":
+            largest = max(largest, x.shape[1] * math.prod(x.shape[3:]))
+    return largest
 
 
 def check_steps(steps: Any, name: str) -> int:
@@ -478,7 +537,7 @@ def inner_loop(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     layout.check_buffers(module)
-    chosen = resolve_strategy(strategy, module, create_graph=create_graph)
+    chosen = resolve_strategy(strategy, module, create_graph=create_graph, inputs=xs)
     mlp = None
     if chosen == "mlp" or (strategy == "auto" and chosen == "batched" and steps > 0):
         mlp = mlp_plan(module, layout, params, xs, targets, loss_fn)

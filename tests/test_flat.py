@@ -489,6 +489,41 @@ def test_auto_is_batched_for_models_with_a_task_batched_form():
     assert resolve_strategy("auto", nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4))) == "vmap"
 
 
+def test_auto_runs_convolutional_models_with_large_inputs_in_the_loop(monkeypatch):
+    # The size rule (inner_loop.LOOP_MIN_POSITIONS): n x H x W of one task's [T, n, C, H, W]
+    # input, for CPU tensors and convolutional models under "auto" only.
+    monkeypatch.setattr(inner_loop_module, "LOOP_MIN_POSITIONS", 2 * 8 * 8)
+    net = small_convnet()
+    at, below = torch.zeros(3, 2, 1, 8, 8), torch.zeros(3, 1, 1, 8, 8)
+    assert resolve_strategy("auto", net, create_graph=False, inputs=(at,)) == "loop"
+    assert resolve_strategy("auto", net, create_graph=False, inputs=(below,)) == "vmap"
+    assert resolve_strategy("auto", net, create_graph=False, inputs=(below, at)) == "loop"
+    assert resolve_strategy("auto", net, create_graph=False) == "vmap"
+    assert resolve_strategy("auto", net, create_graph=False, inputs=(at.to("meta"),)) == "vmap"
+    assert resolve_strategy("vmap", net, create_graph=False, inputs=(at,)) == "vmap"
+    dense = nn.Sequential(nn.Flatten(2), nn.Linear(64, 4), nn.GroupNorm(2, 4))
+    assert resolve_strategy("auto", dense, inputs=(at,)) == "vmap"
+
+    # inner_loop decides on the support inputs it is given, and the loop gives vmap's result.
+    layout, theta = flatten(net)
+    ran = []
+    real_loop_grads = inner_loop_module._loop_grads
+    monkeypatch.setattr(inner_loop_module, "_loop_grads",
+                        lambda *a, **k: ran.append("loop") or real_loop_grads(*a, **k))
+    kwargs = dict(loss_fn=F.cross_entropy, step=lambda p, g, s, k: (p - 0.1 * g, s), steps=2,
+                  create_graph=False, layout=layout)
+    torch.manual_seed(0)
+    x, y = torch.rand(3, 2, 1, 8, 8), torch.randint(0, 5, (3, 2))
+    auto = inner_loop(net, layout.expand(theta, 3), x, y, **kwargs)
+    assert ran == ["loop", "loop"]
+    ran.clear()
+    vmapped = inner_loop(net, layout.expand(theta, 3), x, y, strategy="vmap", **kwargs)
+    assert ran == []
+    assert_close(auto.params, vmapped.params)
+    inner_loop(net, layout.expand(theta, 3), x[:, :1], y[:, :1], **kwargs)
+    assert ran == []
+
+
 # ---- bad inputs -----------------------------------------------------------------------------
 
 

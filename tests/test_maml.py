@@ -196,6 +196,35 @@ def test_conv4_float32_native_layers_match_the_reference(monkeypatch):
     assert _rel_err(theta_grad, ref_grad) <= 1e-5
 
 
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_query_and_support_each_pick_vmap_or_the_loop_by_size(first_order, monkeypatch):
+    # A conv net without BatchNorm (so second order may run vmap too): 1 support example per
+    # task stays under the size rule's threshold (vmap), 4 queries per task reach it (loop).
+    monkeypatch.setattr("fastmeta.inner_loop.LOOP_MIN_POSITIONS", 4 * 6 * 6)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(3 * 3 * 3, 2)).double()
+    gen = torch.Generator().manual_seed(0)
+    episode = Episode(torch.rand(3, 1, 1, 6, 6, generator=gen, dtype=torch.float64),
+                      torch.zeros(3, 1, dtype=torch.long),
+                      torch.rand(3, 4, 1, 6, 6, generator=gen, dtype=torch.float64),
+                      torch.tensor([0, 1, 0, 1]).repeat(3, 1))
+    chosen = []
+    real_predict = MAML._predict
+    monkeypatch.setattr(MAML, "_predict",
+                        lambda self, p, x, c: chosen.append(c) or real_predict(self, p, x, c))
+    maml = MAML(model, loss_fn=F.cross_entropy, inner_lr=0.1, inner_steps=2,
+                first_order=first_order)
+    loss, theta_grad, _ = _maml_grads(maml, episode)
+    assert chosen == ["loop"]
+    assert maml._query_strategy(episode.support_x) == "vmap"
+    ref_loss, ref_grad, _ = reference_meta_grads(model, episode, steps=2, first_order=first_order,
+                                                 opt="sgd", lr=0.1, loss_fn=F.cross_entropy,
+                                                 use_vmap=True)
+    torch.testing.assert_close(loss, ref_loss)
+    assert _rel_err(theta_grad, ref_grad) <= META_GRAD_RTOL
+
+
 def test_strategies_agree():
     model, episode = _sinusoid_setup()
     results = []

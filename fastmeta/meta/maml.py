@@ -106,7 +106,8 @@ class MAML(nn.Module):
             ``"batched"``, ``"vmap"`` or ``"loop"`` (see
             :func:`fastmeta.inner_loop.resolve_strategy`); under ``"auto"`` a plain MLP with
             ``F.mse_loss`` or ``F.cross_entropy`` gets its gradients (and the query loss) by
-            hand, :mod:`fastmeta.fused_mlp`.
+            hand, :mod:`fastmeta.fused_mlp`, and a convolutional model runs the inner loop and
+            the query forward each under vmap or in the loop by the size of its inputs.
         impl: the implementation of the fused inner update (see :mod:`fastmeta.backends`).
 
     Example:
@@ -247,14 +248,17 @@ class MAML(nn.Module):
         parameters ``params [T, N]``: ``[T, n, ...]``."""
         check_task_batch(x, "x")
         self.layout.check(params, name="params", tasks=x.shape[0])
-        return self._predict(params, x, self._query_strategy())
+        return self._predict(params, x, self._query_strategy(x))
 
-    def _query_strategy(self) -> str:
-        # The inner loop's strategy. Only first derivatives are taken through the query forward,
-        # so vmap would be right here for every layer, but it is not faster where the inner loop
-        # chose the loop: on conv-4 with 75 queries per task, a vmapped query forward made the
-        # meta-step 2x slower than the loop (2189 vs 1081 ms).
-        return resolve_strategy(self.strategy, self.model, create_graph=not self.first_order)
+    def _query_strategy(self, x: torch.Tensor) -> str:
+        # Resolved as the inner loop's strategy is, but on the query inputs: the query set is
+        # often the larger one, and its size alone decides between vmap and the loop (see
+        # fastmeta.inner_loop.LOOP_MIN_POSITIONS; on conv-4 with 75 queries per task a vmapped
+        # query forward made the meta-step 2x slower than the loop, 2189 vs 1081 ms). Only first
+        # derivatives are taken through the query forward, so vmap would be right here for
+        # every layer; the norm-layer rule still sends it to the loop with the inner loop.
+        return resolve_strategy(self.strategy, self.model, create_graph=not self.first_order,
+                                inputs=(x,))
 
     def _predict(self, params: torch.Tensor, x: torch.Tensor, chosen: str) -> torch.Tensor:
         if chosen in ("batched", "mlp"):  # a plain MLP's forward alone: the batched runner
@@ -279,7 +283,7 @@ class MAML(nn.Module):
                 return losses, task_accuracy(outputs, episode.query_y)
             if self.strategy == "mlp":
                 raise ValueError(f"strategy='mlp' cannot run the query loss: {plan}")
-        outputs = self._predict(params, episode.query_x, self._query_strategy())
+        outputs = self._predict(params, episode.query_x, self._query_strategy(episode.query_x))
         return (task_losses(self.loss_fn, outputs, episode.query_y),
                 task_accuracy(outputs, episode.query_y))
 
