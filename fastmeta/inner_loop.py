@@ -25,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -40,7 +41,7 @@ from fastmeta.batched import BatchedModule, unsupported
 from fastmeta.flat import FlatLayout, buffer_mutating_modules
 
 __all__ = ["STRATEGIES", "InnerLoopResult", "as_step", "batched_runner", "check_steps",
-           "inner_loop", "resolve_strategy", "task_accuracy", "task_losses"]
+           "inner_loop", "resolve_strategy", "task_accuracy", "task_losses", "vmap_or_loop"]
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, Any, int], "tuple[torch.Tensor, Any]"]
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -75,7 +76,8 @@ _SUPPORT: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], list[str]]
 # batched for models without convolutions, and otherwise what it was before batched existed:
 # vmap, which never lost to the loop by more than noise in the first measurements (sinusoid
 # K=1 second order 5.3 vs 35.3 ms, first order 3.2 vs 16.1; conv-4 32 filters T=8 117.8 vs
-# 159.3), except where vmap runs wrong or cannot run (below). No timing probe at run time: it
+# 159.3), except where vmap runs wrong or cannot run, or (later) where the inputs are large
+# (both below). No timing probe at run time: it
 # would cost extra inner loops, flip with machine load, and make results (which differ in
 # rounding order between strategies) change from run to run. Not measured on a GPU.
 #
@@ -237,9 +239,37 @@ def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = T
     return "vmap"
 
 
+def vmap_or_loop(module: nn.Module, run_vmap: Callable[[], Any], run_loop: Callable[[], Any], *,
+                 may_fall_back: bool) -> tuple[Any, str]:
+    """``(run_vmap(), "vmap")``; where vmap raises a ``RuntimeError`` and ``may_fall_back``
+    (``strategy="auto"``), ``(run_loop(), "loop")`` instead, with a warning, and "auto" runs
+    ``module`` in the loop from then on (:func:`resolve_strategy`). Every pass that
+    "auto" may send to vmap (the inner loop, MAML's query forward) goes through here, so a
+    model vmap cannot run (data-dependent control flow, say) never fails under "auto"."""
+    try:
+        return run_vmap(), "vmap"
+    except RuntimeError as vmap_error:
+        if not may_fall_back:
+            raise
+        # The loop raises the same error if it was not vmap's: the user's error wins.
+        result = run_loop()
+        _VMAP_FAILED[module] = str(vmap_error)
+        warnings.warn(
+            f"vmap cannot run {type(module).__name__} ({vmap_error}); strategy='auto' uses "
+            "'loop' for this model from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return result, "loop"
+
+
 def _positions_per_task(inputs: Sequence[Any]) -> int:
     """The largest ``n × prod(spatial)`` among CPU image inputs ``[T, n, C, *spatial]``, 0 if
-    there are none (the size rule of :func:`resolve_strategy` was measured on the CPU only)."""
+    there are none (the size rule of :func:`resolve_strategy` was measured on the CPU only).
+
+    Every tensor of 4 or more dimensions is read as ``[T, n, C, *spatial]``: Conv1d's
+    ``[T, n, C, L]`` counts ``n × L`` (not measured), and a model that adds the channel
+    dimension itself (inputs ``[T, n, H, W]``) is undercounted (``n × W``) and keeps vmap."""
     largest = 0
     for x in inputs:
         if isinstance(x, torch.Tensor) and x.dim() >= 4 and x.device.type == "cpu":
@@ -553,25 +583,12 @@ def inner_loop(
     losses = []
     for k in range(steps):
         if chosen == "vmap":
-            try:
-                grads, loss = _vmap_grads(
-                    module, layout, params, xs, targets, loss_fn, create_graph
-                )
-            except RuntimeError as vmap_error:
-                if strategy != "auto" or k > 0:
-                    raise
-                # The loop raises the same error if it was not vmap's: the user's error wins.
-                grads, loss = _loop_grads(
-                    module, layout, params, xs, targets, loss_fn, create_graph
-                )
-                chosen = "loop"
-                _VMAP_FAILED[module] = str(vmap_error)
-                warnings.warn(
-                    f"inner_loop: vmap cannot run {type(module).__name__} ({vmap_error}); "
-                    "strategy='auto' uses 'loop' for this model from now on",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            task_args = (module, layout, params, xs, targets, loss_fn, create_graph)
+            (grads, loss), chosen = vmap_or_loop(
+                module, functools.partial(_vmap_grads, *task_args),
+                functools.partial(_loop_grads, *task_args),
+                may_fall_back=strategy == "auto" and k == 0,
+            )
         elif chosen == "mlp":
             grads, loss, _ = fused_mlp.task_loss_grads(*mlp, params, xs[0], targets,
                                                        create_graph=create_graph)

@@ -495,6 +495,10 @@ def test_auto_runs_convolutional_models_with_large_inputs_in_the_loop(monkeypatc
     monkeypatch.setattr(inner_loop_module, "LOOP_MIN_POSITIONS", 2 * 8 * 8)
     net = small_convnet()
     at, below = torch.zeros(3, 2, 1, 8, 8), torch.zeros(3, 1, 1, 8, 8)
+    # Channels do not count: 1 x 3 x 8 x 8 elements per task is over the threshold, 1 x 8 x 8
+    # positions is not.
+    assert resolve_strategy("auto", net, create_graph=False,
+                            inputs=(torch.zeros(3, 1, 3, 8, 8),)) == "vmap"
     assert resolve_strategy("auto", net, create_graph=False, inputs=(at,)) == "loop"
     assert resolve_strategy("auto", net, create_graph=False, inputs=(below,)) == "vmap"
     assert resolve_strategy("auto", net, create_graph=False, inputs=(below, at)) == "loop"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +12,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 from fastmeta import backends
+from fastmeta import inner_loop as inner_loop_module
 from fastmeta.backends import Impl
 from fastmeta.meta import MAML, MLP, Conv4
 from fastmeta.optim import Adam
@@ -196,33 +200,91 @@ def test_conv4_float32_native_layers_match_the_reference(monkeypatch):
     assert _rel_err(theta_grad, ref_grad) <= 1e-5
 
 
+def _small_conv_episode(support: int, queries: int) -> Episode:
+    gen = torch.Generator().manual_seed(0)
+    return Episode(torch.rand(3, support, 1, 6, 6, generator=gen, dtype=torch.float64),
+                   torch.randint(0, 2, (3, support), generator=gen),
+                   torch.rand(3, queries, 1, 6, 6, generator=gen, dtype=torch.float64),
+                   torch.randint(0, 2, (3, queries), generator=gen))
+
+
+def _spy(monkeypatch, owner, name, calls, label):
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(label) or real(*a, **k))
+
+
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
-def test_query_and_support_each_pick_vmap_or_the_loop_by_size(first_order, monkeypatch):
-    # A conv net without BatchNorm (so second order may run vmap too): 1 support example per
-    # task stays under the size rule's threshold (vmap), 4 queries per task reach it (loop).
-    monkeypatch.setattr("fastmeta.inner_loop.LOOP_MIN_POSITIONS", 4 * 6 * 6)
+@pytest.mark.parametrize("support,queries", [(1, 4), (4, 1)], ids=["query-large", "support-large"])
+def test_query_and_support_each_pick_vmap_or_the_loop_by_size(first_order, support, queries,
+                                                             monkeypatch):
+    # A conv net without BatchNorm (so second order may run vmap too): the pass whose inputs
+    # hold 4 x 6 x 6 positions per task runs the loop, the one with 1 x 6 x 6 runs vmap.
+    monkeypatch.setattr(inner_loop_module, "LOOP_MIN_POSITIONS", 4 * 6 * 6)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Flatten(), nn.Linear(3 * 3 * 3, 2)).double()
-    gen = torch.Generator().manual_seed(0)
-    episode = Episode(torch.rand(3, 1, 1, 6, 6, generator=gen, dtype=torch.float64),
-                      torch.zeros(3, 1, dtype=torch.long),
-                      torch.rand(3, 4, 1, 6, 6, generator=gen, dtype=torch.float64),
-                      torch.tensor([0, 1, 0, 1]).repeat(3, 1))
-    chosen = []
+    episode = _small_conv_episode(support, queries)
+    inner, query = [], []
+    _spy(monkeypatch, inner_loop_module, "_vmap_grads", inner, "vmap")
+    _spy(monkeypatch, inner_loop_module, "_loop_grads", inner, "loop")
     real_predict = MAML._predict
     monkeypatch.setattr(MAML, "_predict",
-                        lambda self, p, x, c: chosen.append(c) or real_predict(self, p, x, c))
+                        lambda self, p, x, c: query.append(c) or real_predict(self, p, x, c))
     maml = MAML(model, loss_fn=F.cross_entropy, inner_lr=0.1, inner_steps=2,
                 first_order=first_order)
     loss, theta_grad, _ = _maml_grads(maml, episode)
-    assert chosen == ["loop"]
-    assert maml._query_strategy(episode.support_x) == "vmap"
+    large, small = ["loop"], ["vmap"]
+    assert inner == 2 * (large if support > queries else small)
+    assert query == (small if support > queries else large)
     ref_loss, ref_grad, _ = reference_meta_grads(model, episode, steps=2, first_order=first_order,
                                                  opt="sgd", lr=0.1, loss_fn=F.cross_entropy,
                                                  use_vmap=True)
     torch.testing.assert_close(loss, ref_loss)
     assert _rel_err(theta_grad, ref_grad) <= META_GRAD_RTOL
+    # Evaluation and predict() take the same routes, to the same numbers as vmap throughout.
+    vmap_maml = MAML(model, loss_fn=F.cross_entropy, inner_lr=0.1, inner_steps=2,
+                     first_order=first_order, strategy="vmap")
+    torch.testing.assert_close(maml.evaluate(episode).query_losses,
+                               vmap_maml.evaluate(episode).query_losses)
+    params = maml.adapt(episode.support_x, episode.support_y)[0]
+    torch.testing.assert_close(maml.predict(params, episode.query_x),
+                               vmap_maml.predict(params, episode.query_x))
+
+
+class _DataDependentConv(nn.Module):
+    """A conv net whose forward branches on its data: vmap cannot run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 6 * 6, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head((h if h.sum() > 0 else -h).flatten(1))
+
+
+def test_a_model_vmap_cannot_run_falls_back_to_the_loop_in_the_query_pass_too(monkeypatch):
+    # The support set is large (the loop, so vmap is never tried there) and the query set small
+    # (vmap, which fails): the query forward falls back to the loop with a warning, and "auto"
+    # runs the model in the loop from then on.
+    monkeypatch.setattr(inner_loop_module, "LOOP_MIN_POSITIONS", 4 * 6 * 6)
+    monkeypatch.setattr(inner_loop_module, "_VMAP_FAILED", weakref.WeakKeyDictionary())
+    torch.manual_seed(0)
+    model = _DataDependentConv().double()
+    episode = _small_conv_episode(4, 1)
+    maml = MAML(model, loss_fn=F.cross_entropy, inner_lr=0.1, first_order=True)
+    with pytest.raises(RuntimeError, match="data-dependent control flow"):
+        MAML(model, loss_fn=F.cross_entropy, inner_lr=0.1, first_order=True,
+             strategy="vmap")(episode)
+    with pytest.warns(RuntimeWarning, match="uses 'loop' for this model"):
+        loss = maml(episode).loss
+    assert model in inner_loop_module._VMAP_FAILED
+    loop = MAML(model, loss_fn=F.cross_entropy, inner_lr=0.1, first_order=True, strategy="loop")
+    torch.testing.assert_close(loss, loop(episode).loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(maml.evaluate(episode).loss, loop.evaluate(episode).loss)
 
 
 def test_strategies_agree():

@@ -44,6 +44,7 @@ from fastmeta.inner_loop import (
     resolve_strategy,
     task_accuracy,
     task_losses,
+    vmap_or_loop,
 )
 from fastmeta.tasks.episodes import Episode, check_episode, check_task_batch
 
@@ -252,11 +253,13 @@ class MAML(nn.Module):
 
     def _query_strategy(self, x: torch.Tensor) -> str:
         # Resolved as the inner loop's strategy is, but on the query inputs: the query set is
-        # often the larger one, and its size alone decides between vmap and the loop (see
+        # often the larger one, and under "auto" its size may send a convolutional model to
+        # the loop where the support set stays with vmap, or the reverse (see
         # fastmeta.inner_loop.LOOP_MIN_POSITIONS; on conv-4 with 75 queries per task a vmapped
         # query forward made the meta-step 2x slower than the loop, 2189 vs 1081 ms). Only first
         # derivatives are taken through the query forward, so vmap would be right here for
-        # every layer; the norm-layer rule still sends it to the loop with the inner loop.
+        # every layer, but the norm-layer rule (second order through affine norms) is applied
+        # as in training, evaluation included: one rule for both, at a small cost in speed.
         return resolve_strategy(self.strategy, self.model, create_graph=not self.first_order,
                                 inputs=(x,))
 
@@ -267,7 +270,10 @@ class MAML(nn.Module):
             def call(row: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
                 return self.layout.call_unchecked(self.model, row, (xt,))
 
-            return torch.func.vmap(call, randomness="different")(params, x)
+            outputs, _ = vmap_or_loop(
+                self.model, lambda: torch.func.vmap(call, randomness="different")(params, x),
+                lambda: self._predict(params, x, "loop"), may_fall_back=self.strategy == "auto")
+            return outputs
         return torch.stack([self.layout.call_unchecked(self.model, params[t], (x[t],))
                             for t in range(x.shape[0])])
 
