@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fastmeta import backends
+from fastmeta.backends import Impl
 from fastmeta.flat import buffer_mutating_modules
 from fastmeta.meta.networks import MLP, Conv4, FiLMConv4
 
@@ -179,6 +181,30 @@ def test_film_conv4_second_derivatives():
         return functional_call(net, {**params, "blocks.1.conv.weight": w}, (x, ctx))
 
     assert torch.autograd.gradgradcheck(f, (context, weight))
+
+
+@pytest.mark.native
+def test_film_conv4_pools_large_inputs_on_the_kernel_bit_for_bit(monkeypatch):
+    # Its pooling is routed_max_pool2d: the native kernel from MIN_NATIVE_ELEMENTS up (set to 0
+    # here), torch's pool under FASTMETA_IMPL=reference; outputs and gradients are identical.
+    monkeypatch.setattr("fastmeta.ops.max_pool.MIN_NATIVE_ELEMENTS", 0)
+    torch.manual_seed(0)
+    net = FiLMConv4(num_context_params=3, filters=4, image_size=8).double()
+    x, context = torch.rand(2, 3, 1, 8, 8, dtype=torch.float64), torch.randn(2, 3).double()
+
+    def output_and_grads():
+        with backends.trace() as calls:
+            out = net(x, context)
+            grads = torch.autograd.grad(out.square().sum(), list(net.parameters()))
+        return out, grads, calls
+
+    out, grads, calls = output_and_grads()
+    assert ("max_pool2d", Impl.NATIVE) in calls
+    monkeypatch.setenv("FASTMETA_IMPL", "reference")
+    ref, ref_grads, calls = output_and_grads()
+    assert ("max_pool2d", Impl.NATIVE) not in calls
+    assert torch.equal(out, ref)
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
 
 
 def test_film_conv4_blocks_and_parameters():

@@ -54,7 +54,7 @@ from fastmeta.ops.tensor_lists import DTYPE_CODES
 
 __all__ = ["MIN_NATIVE_ELEMENTS", "MaxPool2dFunction", "gather", "max_pool2d",
            "max_pool2d_reference", "native_layers", "native_pool_modules", "native_window",
-           "scatter"]
+           "routed_max_pool2d", "scatter"]
 
 # The winner's position in its window is stored in one byte (csrc/max_pool.cpp).
 _MAX_WINDOW = 255
@@ -330,12 +330,17 @@ def _dispatch(window: tuple[int, int] | str, impl: Impl | str, input: torch.Tens
 MIN_NATIVE_ELEMENTS = 1 << 17
 
 
-def _covered_or_torch(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
+def routed_max_pool2d(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
                       dilation: Any = 1, ceil_mode: bool = False,
                       return_indices: bool = False) -> Any:
     """``F.max_pool2d(...)``: on the kernel where it covers the call and the input has at least
     :data:`MIN_NATIVE_ELEMENTS` elements (``FASTMETA_IMPL`` then still decides), as torch's
-    own call everywhere else. The call is checked once (:func:`native_window`)."""
+    own call everywhere else. The call is checked once (:func:`native_window`).
+
+    What the automatic routing runs (:func:`native_pool_modules`, :class:`native_layers`), and
+    what a network that calls its pooling functionally can call instead of ``F.max_pool2d``
+    (:class:`fastmeta.meta.networks.FiLMConv4` does) to get the same routing in any context:
+    transforms, ``torch.compile``, CUDA and FakeTensors fall back to torch's call."""
     args = (kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     if not isinstance(input, torch.Tensor) or input.numel() < MIN_NATIVE_ELEMENTS:
         return max_pool2d_reference(input, *args)
@@ -365,7 +370,7 @@ class _KernelPoolForward:
         m = self.module
         if id(m) not in _HELD:
             return torch.nn.MaxPool2d.forward(m, input)
-        return _covered_or_torch(input, m.kernel_size, m.stride, m.padding, m.dilation,
+        return routed_max_pool2d(input, m.kernel_size, m.stride, m.padding, m.dilation,
                                  ceil_mode=m.ceil_mode, return_indices=m.return_indices)
 
 
@@ -429,5 +434,5 @@ class native_layers(TorchFunctionMode):
         # Only the calls the kernel covers: the others run exactly as without the mode (even
         # under FASTMETA_IMPL=native, which would make max_pool2d refuse them).
         if func is F.max_pool2d:
-            return _covered_or_torch(*args, **kwargs)
+            return routed_max_pool2d(*args, **kwargs)
         return func(*args, **kwargs)
