@@ -141,7 +141,8 @@ void loss_grad(const Blas<T>& blas, const std::vector<Layer>& layers, const T* t
   }
 }
 
-// Scratch of hvp: Ra_l and Rh_l ([B, d_l] each, l = 1..L), Rδ and u ([B, max d]).
+// Scratch of hvp: Ra_l ([B, d_l], l = 1..L), Rh_l ([B, d_l], l = 1..L-1: the output layer has
+// no activation), Rδ and u ([B, max d]).
 template <typename T>
 struct HvpScratch {
   std::vector<std::vector<T>> ra, rh;
@@ -149,11 +150,11 @@ struct HvpScratch {
   HvpScratch(const std::vector<Layer>& layers, int64_t batch) {
     int64_t widest = 0;
     ra.resize(layers.size() + 1);
-    rh.resize(layers.size() + 1);
+    rh.resize(layers.size());
     for (size_t l = 1; l <= layers.size(); ++l) {
       const int64_t d = layers[l - 1].d_out;
       ra[l].resize(static_cast<size_t>(batch * d));
-      rh[l].resize(static_cast<size_t>(batch * d));
+      if (l < layers.size()) rh[l].resize(static_cast<size_t>(batch * d));
       widest = std::max<int64_t>(widest, std::max(d, layers[l - 1].d_in));
     }
     r_delta.resize(static_cast<size_t>(batch * widest));

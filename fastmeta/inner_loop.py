@@ -234,7 +234,8 @@ def resolve_strategy(strategy: str, module: nn.Module, *, create_graph: bool = T
         return strategy
     if mutates or wrong or module in _VMAP_FAILED:
         return "loop"
-    if _has_convolutions(module) and _positions_per_task(inputs) >= LOOP_MIN_POSITIONS:
+    # The inputs first: cheap, and below the threshold the module tree is not walked again.
+    if _positions_per_task(inputs) >= LOOP_MIN_POSITIONS and _has_convolutions(module):
         return "loop"
     return "vmap"
 
