@@ -3,6 +3,8 @@ and FiLMConv4's per-task normalisation and FiLM."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -50,6 +52,33 @@ def test_conv4_is_the_paper_architecture():
     assert sum(isinstance(m, nn.MaxPool2d) for m in net.modules()) == 4
     assert sum(isinstance(m, nn.ReLU) for m in net.modules()) == 4
     assert net.head.out_features == 20
+
+
+def test_conv4_pooling_before_relu_is_the_papers_block():
+    # Conv4 pools before its ReLU; the paper's order (ReLU, then pool) gives the same outputs
+    # and the same first and second derivatives, ties and non-positive windows included.
+    torch.manual_seed(0)
+    net = Conv4(in_channels=1, ways=3, filters=4, image_size=8).double()
+    paper = copy.deepcopy(net)
+    for block in paper.features:
+        assert isinstance(block[2], (nn.MaxPool2d, nn.Identity)) and isinstance(block[3], nn.ReLU)
+        block[2], block[3] = block[3], block[2]
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    x[0] = -1.0  # a constant image: equal values in most windows, non-positive planes
+    x[1, :, ::2] = x[1, :, 1::2]  # each even row equal to the next: ties within every window
+
+    def first_and_second(model):
+        params = list(model.parameters())
+        out = model(x)
+        grads = torch.autograd.grad(out.square().sum(), params, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+        return out, grads, second
+
+    for ours, theirs in zip(first_and_second(net), first_and_second(paper)):
+        if isinstance(ours, torch.Tensor):
+            assert torch.equal(ours, theirs)
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 def test_conv4_skips_pooling_past_1x1():

@@ -72,19 +72,25 @@ class MLP(nn.Module):
 
 
 def _conv_block(in_channels: int, filters: int, pool: bool) -> nn.Sequential:
+    # The paper's block is conv, BN, ReLU, max-pool. ReLU and max-pool commute (ReLU is monotone:
+    # the largest of a window after ReLU is the ReLU of its largest, and the winner is the same
+    # element), so pooling first computes the same values and gradients with the ReLU and its
+    # derivatives on a quarter of the elements: a conv-4 MAML meta-step (64 filters, 28x28,
+    # T=8, 15 queries per class) took 540 ms against 623 ms, with equal loss and gradients.
     return nn.Sequential(
         nn.Conv2d(in_channels, filters, KERNEL_SIZE, padding=KERNEL_SIZE // 2),
         # Transductive BatchNorm as in MAML: always the statistics of the current batch, no
         # running statistics, so the forward mutates no buffer and works functionally.
         nn.BatchNorm2d(filters, track_running_stats=False),
-        nn.ReLU(),
         nn.MaxPool2d(POOL) if pool else nn.Identity(),
+        nn.ReLU(),
     )
 
 
 class Conv4(nn.Module):
     """The conv-4 classifier of MAML: 4 blocks of [3x3 conv, BatchNorm, ReLU, 2x2 max-pool],
-    then a linear head.
+    then a linear head. Each block runs its max-pool before its ReLU, which computes the same
+    function (they commute) with the ReLU on a quarter of the elements.
 
     BatchNorm never tracks running statistics (``track_running_stats=False``): it normalises
     with the statistics of the batch it sees, in training and in evaluation alike, which is the
@@ -165,10 +171,13 @@ class _FiLMBlock(nn.Module):
             scale = scale * (1 + gamma)
             shift = shift * (1 + gamma) + beta
         # (h - mean)·scale + shift with one pass over h, folded as torch's CPU BatchNorm does.
-        h = torch.relu(torch.addcmul(shift - mean * scale, h, scale)).flatten(0, 1)
-        # torch's pooling, or the native kernel on large CPU inputs (1.2x a CAVIA meta-step
-        # on the 28x28 conv-4; see fastmeta.ops.max_pool): the same values and gradients.
-        return routed_max_pool2d(h, POOL) if self.pool else h
+        h = torch.addcmul(shift - mean * scale, h, scale).flatten(0, 1)
+        if self.pool:
+            # Pooled before the ReLU, as in Conv4 (the same function: they commute). torch's
+            # pooling, or the native kernel on large CPU inputs (see fastmeta.ops.max_pool):
+            # the same values and gradients.
+            h = routed_max_pool2d(h, POOL)
+        return torch.relu(h)
 
 
 class FiLMConv4(nn.Module):
