@@ -142,7 +142,7 @@ void loss_grad(const Blas<T>& blas, const std::vector<Layer>& layers, const T* t
 }
 
 // Scratch of hvp: Ra_l ([B, d_l], l = 1..L), Rh_l ([B, d_l], l = 1..L-1: the output layer has
-// no activation), Rδ and u ([B, max d]).
+// no activation), and Rδ of this layer and the next (r_delta, r_delta_next: [B, max d]).
 template <typename T>
 struct HvpScratch {
   std::vector<std::vector<T>> ra, rh;

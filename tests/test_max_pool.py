@@ -348,6 +348,20 @@ def test_fake_tensors_and_torch_compile_run_torch():
     torch.testing.assert_close(compiled(theta, x), net(x))
 
 
+def test_routed_pool_compiles_into_one_graph(monkeypatch):
+    # routed_max_pool2d (FiLMConv4's pool) under torch.compile is torch's pool, traced without a
+    # graph break, even for inputs the kernel would take (its storage is never read).
+    monkeypatch.setattr("fastmeta.ops.max_pool.MIN_NATIVE_ELEMENTS", 0)
+    from fastmeta.meta.networks import FiLMConv4
+
+    torch.manual_seed(0)
+    net = FiLMConv4(num_context_params=3, filters=4, image_size=8)
+    x, context = torch.rand(2, 3, 1, 8, 8), torch.randn(2, 3)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="eager", fullgraph=True)  # raises at a graph break
+    torch.testing.assert_close(compiled(x, context), net(x, context))
+
+
 def test_batched_backward_under_vmap_equals_torch():
     """The backward runs under vmap for is_grads_batched=True: the scatter then runs in torch
     ops, as does the gather of the backward's backward."""

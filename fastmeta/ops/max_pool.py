@@ -33,7 +33,9 @@ because it is not the slow path this op exists to replace.
 it on this op. fastmeta's own functional calls (:meth:`fastmeta.flat.FlatLayout.call_unchecked`:
 the loop strategy, MAML's query forward) use the cheaper :func:`native_pool_modules` around
 each task's forward, so a user's plain ``nn.Module`` gets the kernel without being changed.
-Both leave pools on inputs under :data:`MIN_NATIVE_ELEMENTS` elements to torch (see there).
+A network that calls its pooling functionally can call :func:`routed_max_pool2d` instead of
+``F.max_pool2d`` (:class:`fastmeta.meta.networks.FiLMConv4` does). All three leave pools on
+inputs under :data:`MIN_NATIVE_ELEMENTS` elements to torch (see there).
 """
 
 from __future__ import annotations
@@ -108,10 +110,12 @@ def native_window(input: Any, kernel_size: Any, stride: Any = None, padding: Any
     FakeTensor), no ``torch.func`` transform active and no ``torch.compile`` tracing."""
     if not isinstance(input, torch.Tensor):
         return "the input is not a tensor"
-    if not _has_data(input):
-        return f"the input is a {type(input).__name__} without storage, not a plain tensor"
+    # Before anything that reads the tensor's storage: dynamo cannot trace that, and would break
+    # the graph at every pool.
     if torch.compiler.is_compiling():
         return "torch.compile is tracing"
+    if not _has_data(input):
+        return f"the input is a {type(input).__name__} without storage, not a plain tensor"
     if input.device.type != "cpu":
         return f"the input is on {input.device}, not the CPU"
     if input.dtype not in DTYPE_CODES:
@@ -342,7 +346,8 @@ def routed_max_pool2d(input: Any, kernel_size: Any, stride: Any = None, padding:
     (:class:`fastmeta.meta.networks.FiLMConv4` does) to get the same routing in any context:
     transforms, ``torch.compile``, CUDA and FakeTensors fall back to torch's call."""
     args = (kernel_size, stride, padding, dilation, ceil_mode, return_indices)
-    if not isinstance(input, torch.Tensor) or input.numel() < MIN_NATIVE_ELEMENTS:
+    if (torch.compiler.is_compiling() or not isinstance(input, torch.Tensor)
+            or input.numel() < MIN_NATIVE_ELEMENTS):
         return max_pool2d_reference(input, *args)
     window = native_window(input, *args)
     if isinstance(window, str):
