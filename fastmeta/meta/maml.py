@@ -261,7 +261,7 @@ class MAML(nn.Module):
         # every layer, but the norm-layer rule (second order through affine norms) is applied
         # as in the inner loop, evaluation included, because it was the faster choice: with the
         # query under vmap, second-order conv-4 steps with BN (T=8, 8x8 and 28x28, 1-15 queries
-        # per class) took 0.85-1.09x the time, and evaluate() (T=100, 8x8) 1.41x.
+        # per class) took 0.92-1.18x the time, and evaluate() (T=100, 8x8) 1.41x.
         return resolve_strategy(self.strategy, self.model, create_graph=not self.first_order,
                                 inputs=(x,))
 
