@@ -55,8 +55,9 @@ def test_conv4_is_the_paper_architecture():
 
 
 def test_conv4_pooling_before_relu_is_the_papers_block():
-    # Conv4 pools before its ReLU; the paper's order (ReLU, then pool) gives the same outputs
-    # and the same first and second derivatives, ties and non-positive windows included.
+    # Conv4 pools before its ReLU; the paper's order (ReLU, then pool) gives equal outputs and
+    # equal first and second derivatives, ties and non-positive windows included (torch.equal:
+    # a -0.0 where the paper's order gives +0.0, see _conv_block, would compare equal).
     torch.manual_seed(0)
     net = Conv4(in_channels=1, ways=3, filters=4, image_size=8).double()
     paper = copy.deepcopy(net)
