@@ -346,8 +346,8 @@ def routed_max_pool2d(input: Any, kernel_size: Any, stride: Any = None, padding:
     (:class:`fastmeta.meta.networks.FiLMConv4` does) to get the same routing in any context:
     transforms, ``torch.compile``, CUDA and FakeTensors fall back to torch's call."""
     args = (kernel_size, stride, padding, dilation, ceil_mode, return_indices)
-    if (torch.compiler.is_compiling() or not isinstance(input, torch.Tensor)
-            or input.numel() < MIN_NATIVE_ELEMENTS):
+    # (native_window sends torch.compile's tracing to torch before it reads any storage.)
+    if not isinstance(input, torch.Tensor) or input.numel() < MIN_NATIVE_ELEMENTS:
         return max_pool2d_reference(input, *args)
     window = native_window(input, *args)
     if isinstance(window, str):
