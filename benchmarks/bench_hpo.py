@@ -6,7 +6,7 @@ gradient w.r.t. the hyperparameters through all K steps) on the digits MLP.
   digits model is a plain ReLU MLP, so the K steps run as one autograd node: the fused momentum
   kernels, with the training gradients and (in the backward) the Hessian-vector products
   written by hand instead of a per-step autograd graph; on the CPU the node's forward and
-  backward are one native call each (``csrc/mlp_unroll.h``, the products on torch's BLAS);
+  backward are one native call each (``csrc/mlp.h``, the products on torch's BLAS);
 * eager (per tensor): the same maths in plain eager autograd, one tensor per parameter and
   ``p - lr * b`` steps through :func:`torch.func.functional_call`
   (:func:`fastmeta.hpo.unrolled_validation_loss_reference`), as a user would write it;

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -22,7 +23,7 @@
 #endif
 
 #include "kernels.h"
-#include "mlp_unroll.h"
+#include "mlp.h"
 
 namespace py = pybind11;
 using Ptrs = std::vector<int64_t>;
@@ -531,7 +532,7 @@ void batched_backward(BackwardKernel kernel, int num_hypers, int64_t param, int6
   run_backward(kernel, num_hypers, s, base, static_cast<double*>(as_ptr(hyper_grad)), dtype);
 }
 
-// ---- K momentum-SGD steps of a ReLU MLP (fastmeta/ops/mlp_unroll.py, csrc/mlp_unroll.h) -----
+// ---- K momentum-SGD steps of a ReLU MLP (fastmeta/ops/mlp_unroll.py, csrc/mlp.h) ------------
 // Python has checked everything: one CPU device and dtype, contiguous tensors, equal batches,
 // labels in range, the layers' offsets inside θ. The trajectory lives in Python's tensors:
 // thetas/buffers/grads [K, N] (θ_1..θ_K, b_1..b_K, g_0..g_{K-1}), hs[l] [K, B, d_l] for the
@@ -558,6 +559,7 @@ struct Unroll {
   template <typename T>
   mlp::Tape<T> tape(int64_t k) const {
     mlp::Tape<T> t;
+    t.loss = mlp::Loss::kCrossEntropy;
     const int64_t L = static_cast<int64_t>(layers.size());
     t.h.resize(static_cast<size_t>(L));
     t.delta.resize(static_cast<size_t>(L + 1));
@@ -615,9 +617,10 @@ void mlp_unroll_forward_typed(const Unroll& u, mlp::GemmFn<T> gemm) {
   const auto kernel = kernels().sgd_forward;
   for (int64_t k = 0; k < u.steps; ++k) {
     T* grad = static_cast<T*>(as_ptr(u.grads)) + k * u.numel;
-    mlp::loss_grad<T>(blas, u.layers, u.theta<T>(k),
-                      static_cast<const int64_t*>(as_ptr(u.y)) + k * u.batch, u.batch,
-                      u.tape<T>(k), logits.data(), grad);
+    const mlp::Targets<T> labels{mlp::Loss::kCrossEntropy,
+                                 static_cast<const int64_t*>(as_ptr(u.y)) + k * u.batch, nullptr};
+    mlp::loss_grad<T>(blas, u.layers, u.theta<T>(k), labels, u.batch, u.tape<T>(k),
+                      logits.data(), grad);
     BatchedStep s = u.step_at(k, grad);
     s.param_out = static_cast<T*>(as_ptr(u.thetas)) + k * u.numel;
     s.state_out[0] = static_cast<T*>(as_ptr(u.buffers)) + k * u.numel;
@@ -681,6 +684,162 @@ void mlp_unroll_backward_typed(const Unroll& u, mlp::GemmFn<T> gemm, bool needs_
     T* out = static_cast<T*>(as_ptr(buffer_bar0));
     for (size_t i = 0; i < n; ++i) out[i] = bbar != nullptr ? bbar[i] : T(0);
   }
+}
+
+// ---- Every task's MLP loss gradient, and its reverse pass (fastmeta/ops/mlp_task_grads.py) ----
+// T tasks, each with its own parameters (row t of theta [T, N]) and batch (x [T, B, d_0];
+// labels [T, B] or values [T, B, C]), in csrc/mlp.h's maths. forward writes every task's
+// gradient (grads [T, N]), loss (losses [T]) and output (outputs [T, B, C]), and keeps the tape
+// (the hidden activations, every layer's δ and, for the cross-entropy, Q) in memory of its own.
+// backward computes theta_bar[t] = H_t grad_bar[t] + losses_bar[t] grads[t] (either term may be
+// absent), what MAML's second-order meta-gradient needs from an inner step or a query. Python
+// has checked everything: one CPU device and dtype, contiguous tensors that stay alive until
+// backward, the shapes, labels in range, the layers' offsets inside θ.
+
+struct TaskGrads {
+  int64_t gemm;
+  std::vector<mlp::Layer> layers;
+  mlp::Loss loss;
+  int64_t tasks, batch, numel, theta, x, y, grads, losses, outputs;
+  int dtype;
+  // The tape of every task, task-major: hs (l = 1..L-1), deltas (l = 1..L), then q.
+  std::unique_ptr<unsigned char[]> tape_memory;
+  int64_t tape_elements;  // per task
+
+  int64_t classes() const { return layers.back().d_out; }
+  // Multiply-adds of one task's forward: the unit of the parallel threshold.
+  int64_t forward_work() const {
+    int64_t work = 0;
+    for (const mlp::Layer& ly : layers) work += batch * ly.d_in * ly.d_out;
+    return work;
+  }
+  template <typename T>
+  T* at(int64_t base, int64_t task, int64_t row_elements) const {
+    return static_cast<T*>(as_ptr(base)) + task * row_elements;
+  }
+  template <typename T>
+  mlp::Tape<T> tape(int64_t t) const {
+    mlp::Tape<T> tp;
+    const int64_t L = static_cast<int64_t>(layers.size());
+    T* next = reinterpret_cast<T*>(tape_memory.get()) + t * tape_elements;
+    tp.loss = loss;
+    tp.x = at<T>(x, t, batch * layers[0].d_in);
+    tp.h.resize(static_cast<size_t>(L));
+    tp.delta.resize(static_cast<size_t>(L + 1));
+    for (int64_t l = 1; l < L; ++l) {  // h_l and δ_l are [B, d_l], d_l = layers[l - 1].d_out
+      tp.h[l] = next;
+      next += batch * layers[l - 1].d_out;
+    }
+    for (int64_t l = 1; l <= L; ++l) {
+      tp.delta[l] = next;
+      next += batch * layers[l - 1].d_out;
+    }
+    tp.q = loss == mlp::Loss::kCrossEntropy ? next : nullptr;
+    return tp;
+  }
+  template <typename T>
+  mlp::Targets<T> targets(int64_t t) const {
+    if (loss == mlp::Loss::kMse) return {loss, nullptr, at<T>(y, t, batch * classes())};
+    return {loss, at<int64_t>(y, t, batch), nullptr};
+  }
+};
+
+// Below this many multiply-adds in all (forward, all tasks), the tasks run on the calling
+// thread: waking the OpenMP team costs a few µs, the work of ~20,000 multiply-adds here.
+constexpr int64_t kMinParallelTaskWork = 20000;
+
+// Runs body(t) for every task, in parallel where the work is worth it. body may throw (a failed
+// scratch allocation): the first exception is rethrown here, after every thread has finished.
+template <typename Body>
+void for_each_task(const TaskGrads& g, Body body) {
+  std::exception_ptr failure;
+  std::atomic<bool> failed{false};
+  auto run = [&](int64_t t) {
+    if (failed.load(std::memory_order_relaxed)) return;
+    try {
+      body(t);
+    } catch (...) {
+      if (!failed.exchange(true)) failure = std::current_exception();
+    }
+  };
+  if (g.tasks < 2 || max_threads() == 1 || g.tasks * g.forward_work() < kMinParallelTaskWork) {
+    for (int64_t t = 0; t < g.tasks; ++t) run(t);
+  } else {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < g.tasks; ++t) run(t);
+  }
+  if (failure) std::rethrow_exception(failure);
+}
+
+TaskGrads make_task_grads(int64_t gemm, const std::vector<int64_t>& layers, int loss,
+                          int64_t tasks, int64_t batch, int64_t numel, int64_t theta, int64_t x,
+                          int64_t y, int64_t grads, int64_t losses, int64_t outputs, int dtype) {
+  if (!mlp::kLittleEndian)
+    throw std::runtime_error("the MLP task gradients run on little-endian CPUs only (see GemmFn)");
+  if (gemm == 0) throw std::invalid_argument("gemm: the BLAS ?gemm_ address is null");
+  if (layers.empty() || layers.size() % 4 != 0)
+    throw std::invalid_argument("layers: (weight, bias, d_in, d_out) per layer");
+  for (size_t i = 0; i < layers.size(); i += 4)
+    if (layers[i + 2] < 1 || layers[i + 3] < 1)
+      throw std::invalid_argument("layers: every width must be >= 1");
+  if (dtype != kFloat32 && dtype != kFloat64)
+    throw std::invalid_argument("dtype: the MLP task gradients run on float32 or float64");
+  if (loss != static_cast<int>(mlp::Loss::kCrossEntropy) &&
+      loss != static_cast<int>(mlp::Loss::kMse))
+    throw std::invalid_argument("loss: 0 (cross-entropy) or 1 (mean squared error)");
+  if (tasks < 1 || batch < 1 || numel < 1)
+    throw std::invalid_argument("tasks, batch and numel must be >= 1");
+  if (theta == 0 || x == 0 || y == 0 || grads == 0 || losses == 0 || outputs == 0)
+    throw std::invalid_argument("theta, x, y, grads, losses and outputs must not be null");
+  TaskGrads g;
+  g.gemm = gemm;
+  for (size_t i = 0; i < layers.size(); i += 4)
+    g.layers.push_back({layers[i], layers[i + 1], layers[i + 2], layers[i + 3]});
+  g.loss = static_cast<mlp::Loss>(loss);
+  g.tasks = tasks; g.batch = batch; g.numel = numel; g.theta = theta; g.x = x; g.y = y;
+  g.grads = grads; g.losses = losses; g.outputs = outputs; g.dtype = dtype;
+  int64_t widths = 0;  // hidden layers (h) + every layer (δ) + the output again (q)
+  for (size_t l = 0; l < g.layers.size(); ++l)
+    widths += g.layers[l].d_out * (l + 1 < g.layers.size() ? 2 : 1);
+  if (g.loss == mlp::Loss::kCrossEntropy) widths += g.classes();
+  g.tape_elements = batch * widths;
+  const size_t bytes = static_cast<size_t>(tasks * g.tape_elements) * (dtype == kFloat64 ? 8 : 4);
+  g.tape_memory.reset(new unsigned char[bytes]);  // not zeroed: forward writes all of it
+  return g;
+}
+
+template <typename T>
+void task_grads_forward_typed(const TaskGrads& g) {
+  const mlp::Blas<T> blas{reinterpret_cast<mlp::GemmFn<T>>(g.gemm)};
+  for_each_task(g, [&](int64_t t) {
+    mlp::loss_grad<T>(blas, g.layers, g.at<T>(g.theta, t, g.numel), g.targets<T>(t), g.batch,
+                      g.tape<T>(t), g.at<T>(g.outputs, t, g.batch * g.classes()),
+                      g.at<T>(g.grads, t, g.numel), g.at<T>(g.losses, t, 1));
+  });
+}
+
+// theta_bar[t] = H_t grad_bar[t] + losses_bar[t] grads[t]; grad_bar or losses_bar may be 0
+// (absent), not both. grads is forward's output, passed again by Python (which holds it).
+template <typename T>
+void task_grads_backward_typed(const TaskGrads& g, int64_t grad_bar, int64_t losses_bar,
+                               int64_t grads, int64_t theta_bar) {
+  const mlp::Blas<T> blas{reinterpret_cast<mlp::GemmFn<T>>(g.gemm)};
+  for_each_task(g, [&](int64_t t) {
+    T* out = g.at<T>(theta_bar, t, g.numel);
+    if (grad_bar != 0) {
+      mlp::HvpScratch<T> scratch(g.layers, g.batch);
+      mlp::hvp<T>(blas, g.layers, g.at<T>(g.theta, t, g.numel), g.batch, g.tape<T>(t),
+                  g.at<T>(grad_bar, t, g.numel), scratch, out);
+    }
+    if (losses_bar != 0) {
+      const T weight = *g.at<T>(losses_bar, t, 1);
+      const T* grad = g.at<T>(grads, t, g.numel);
+      if (grad_bar != 0)
+        for (int64_t i = 0; i < g.numel; ++i) out[i] += weight * grad[i];
+      else
+        for (int64_t i = 0; i < g.numel; ++i) out[i] = weight * grad[i];
+    }
+  });
 }
 
 // The roofline probe: streams[s][t] is tensor t of stream s (numels[t] float32 elements, the
@@ -1153,7 +1312,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<Unroll>(m, "MlpUnroll",
                      "K momentum-SGD steps of a ReLU MLP on cross-entropy and their reverse pass "
                      "over tensors that Python allocated (fastmeta/ops/mlp_unroll.py; "
-                     "csrc/mlp_unroll.h). Holds their addresses, not the tensors.")
+                     "csrc/mlp.h). Holds their addresses, not the tensors.")
       .def(py::init(&make_unroll), py::arg("gemm"), py::arg("layers"), py::arg("theta0"),
            py::arg("buffer0"), py::arg("x"), py::arg("y"), py::arg("steps"), py::arg("batch"),
            py::arg("thetas"), py::arg("buffers"), py::arg("grads"), py::arg("hs"),
@@ -1192,6 +1351,41 @@ PYBIND11_MODULE(_C, m) {
            py::arg("d_tables"), py::arg("num_hypers"), py::arg("theta_bar0"),
            py::arg("buffer_bar0"),
            "The reverse pass of forward: step VJPs and Hessian-vector products.");
+  py::class_<TaskGrads>(m, "MlpTaskGrads",
+                        "Every task's loss gradient of a ReLU MLP (one row of theta [T, N] and "
+                        "one batch per task) and its reverse pass (fastmeta/ops/mlp_task_grads.py; "
+                        "csrc/mlp.h). Holds the addresses of Python's tensors, not the tensors, "
+                        "and the tape in memory of its own.")
+      .def(py::init(&make_task_grads), py::arg("gemm"), py::arg("layers"), py::arg("loss"),
+           py::arg("tasks"), py::arg("batch"), py::arg("numel"), py::arg("theta"), py::arg("x"),
+           py::arg("y"), py::arg("grads"), py::arg("losses"), py::arg("outputs"),
+           py::arg("dtype"))
+      .def("forward",
+           [](const TaskGrads& g) {
+             py::gil_scoped_release no_gil;
+             if (g.dtype == kFloat64)
+               task_grads_forward_typed<double>(g);
+             else
+               task_grads_forward_typed<float>(g);
+           },
+           "Writes every task's gradient, loss and output, and keeps the tape.")
+      .def("backward",
+           [](const TaskGrads& g, int64_t grad_bar, int64_t losses_bar, int64_t grads,
+              int64_t theta_bar) {
+             if (theta_bar == 0) throw std::invalid_argument("theta_bar must not be null");
+             if (grad_bar == 0 && losses_bar == 0)
+               throw std::invalid_argument("grad_bar and losses_bar are both absent");
+             if (losses_bar != 0 && grads == 0)
+               throw std::invalid_argument("grads must not be null with losses_bar");
+             py::gil_scoped_release no_gil;
+             if (g.dtype == kFloat64)
+               task_grads_backward_typed<double>(g, grad_bar, losses_bar, grads, theta_bar);
+             else
+               task_grads_backward_typed<float>(g, grad_bar, losses_bar, grads, theta_bar);
+           },
+           py::arg("grad_bar"), py::arg("losses_bar"), py::arg("grads"), py::arg("theta_bar"),
+           "theta_bar[t] = H_t grad_bar[t] + losses_bar[t] grads[t] (0: a term absent), after "
+           "forward.");
   m.def("stream", &stream, py::arg("streams"), py::arg("num_writes"), py::arg("numels"),
         "Memory-roofline probe: streams[s] lists the addresses of stream s's float32 tensors "
         "(numels[t] elements for tensor t); reads every stream and writes the first num_writes "

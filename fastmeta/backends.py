@@ -87,7 +87,7 @@ def torch_blas_gemm(dtype: torch.dtype) -> int | None:
     for another dtype, or with ``FASTMETA_NO_TORCH_BLAS=1``.
 
     Found with ctypes in the already-loaded ``libtorch_cpu``, so the extension itself links
-    against no torch or BLAS library (csrc/mlp_unroll.h passes the integers so that an LP64
+    against no torch or BLAS library (csrc/mlp.h passes the integers so that an LP64
     and an ILP64 BLAS read them alike).
     """
     if os.environ.get(_NO_TORCH_BLAS, "0") == "1":

@@ -80,6 +80,7 @@ from torch import nn
 
 from fastmeta._autograd import Function
 from fastmeta.flat import FlatLayout
+from fastmeta.ops.mlp_task_grads import NativeMLPTaskGrads
 
 __all__ = ["LOSSES", "MLPSpec", "MLPTape", "TaskLossGrad", "UnsupportedModel", "mlp_spec",
            "relu_only", "task_loss_grads"]
@@ -212,6 +213,12 @@ class MLPSpec:
         self.layout = layout
         self.in_features = layers[0].in_features
         self.classes = layers[-1].out_features
+        entries = layout.entries
+        # (weight offset, bias offset or -1, in, out) per layer, flat: how the native ops
+        # (fastmeta/ops/mlp_unroll.py, mlp_task_grads.py) are told where each layer lives.
+        self.native_layers = [value for ly in layers for value in (
+            entries[ly.weight].offset, -1 if ly.bias is None else entries[ly.bias].offset,
+            ly.in_features, ly.out_features)]
 
     @classmethod
     def of(cls, model: nn.Module, layout: FlatLayout | None = None) -> MLPSpec:
@@ -479,8 +486,8 @@ class MLPSpec:
 
 
 def relu_only(spec: MLPSpec) -> bool:
-    """True when every activation of ``spec`` is ReLU (what the native MLP unroll of
-    :mod:`fastmeta.hpo` covers)."""
+    """True when every activation of ``spec`` is ReLU (what the native MLP ops of
+    :mod:`fastmeta.ops.mlp_unroll` and :mod:`fastmeta.ops.mlp_task_grads` cover)."""
     return all(act is _ACTIVATIONS[nn.ReLU] for act in spec.activations)
 
 
@@ -503,20 +510,28 @@ class TaskLossGrad(Function):
 
     by :meth:`MLPSpec.hvp`: what second-order MAML needs from an inner step, without the ~30
     autograd nodes per step that ``autograd.grad(..., create_graph=True)`` records (and
-    differentiates again) for a small MLP. The backward is not itself differentiable: with
+    differentiates again) for a small MLP. On the CPU, for a ReLU MLP in float32/float64, the
+    forward and the backward are one native call each
+    (:class:`fastmeta.ops.mlp_task_grads.NativeMLPTaskGrads`, the same maths); elsewhere they
+    are the torch ops of :class:`MLPSpec`. The backward is not itself differentiable: with
     ``create_graph=True`` it raises rather than return a silently incomplete third derivative.
     """
 
     @staticmethod
     def forward(ctx, spec: MLPSpec, loss: str, theta, x, y):
         theta = theta.contiguous()  # e.g. the first step's expand()ed [T, N]
-        grad, tape, losses = spec.loss_grad(theta, x, y, loss=loss, want_losses=True)
-        outputs, tape.outputs = tape.outputs, None  # not needed by hvp
-        # The outputs are saved through save_for_backward, not as ctx attributes: an output
-        # held by its own node's ctx is a reference cycle, which keeps every step's tape alive
-        # until Python's cyclic collector runs.
+        op = NativeMLPTaskGrads.maybe(spec, loss, theta, x, y)
+        if op is not None:
+            grad, losses, outputs = op.forward()
+            ctx.native = op
+        else:
+            grad, tape, losses = spec.loss_grad(theta, x, y, loss=loss, want_losses=True)
+            outputs, tape.outputs = tape.outputs, None  # not needed by hvp
+            ctx.native, ctx.spec, ctx.tape, ctx.theta = None, spec, tape, theta
+        # The outputs are saved through save_for_backward, not as ctx attributes (nor held by
+        # the native op): an output held by its own node's ctx is a reference cycle, which
+        # keeps every step's tape alive until Python's cyclic collector runs.
         ctx.save_for_backward(grad)
-        ctx.spec, ctx.tape, ctx.theta = spec, tape, theta
         ctx.mark_non_differentiable(outputs)
         ctx.set_materialize_grads(False)
         return grad, losses, outputs
@@ -528,11 +543,15 @@ class TaskLossGrad(Function):
                 "fused_mlp.TaskLossGrad: the hand-written MLP gradient is differentiable once, "
                 "and this backward has create_graph=True (a third derivative); use "
                 "strategy='batched' for that")
+        if grad_bar is None and losses_bar is None:
+            return None, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        if ctx.native is not None:
+            return None, None, ctx.native.backward(grad_bar, losses_bar, grad), None, None
         theta_bar = None
         if grad_bar is not None:
             theta_bar = ctx.spec.hvp(ctx.theta, ctx.tape, grad_bar.contiguous())
         if losses_bar is not None:
-            (grad,) = ctx.saved_tensors
             term = losses_bar.unsqueeze(-1) * grad
             theta_bar = term if theta_bar is None else theta_bar.add_(term)
         return None, None, theta_bar, None, None
@@ -548,6 +567,9 @@ def task_loss_grads(
     if create_graph and torch.is_grad_enabled() and theta.requires_grad:
         return TaskLossGrad.apply(spec, loss, theta, x, y)
     with torch.no_grad():
-        grad, tape, losses = spec.loss_grad(theta.detach().contiguous(), x, y, loss=loss,
-                                            want_losses=True)
+        theta = theta.detach().contiguous()
+        op = NativeMLPTaskGrads.maybe(spec, loss, theta, x, y)
+        if op is not None:
+            return op.forward()
+        grad, tape, losses = spec.loss_grad(theta, x, y, loss=loss, want_losses=True)
     return grad, losses, tape.outputs

@@ -25,7 +25,7 @@ fused, differentiable momentum step of :func:`fastmeta.functional.momentum` on t
 parameter buffer (the per-layer lr expanded to a per-element lr; for an MLP the K steps are one
 autograd node, with the training gradients and their second-order terms written by hand in
 :mod:`fastmeta.fused_mlp`, and for a ReLU MLP on the CPU that node's forward and backward are
-one native call each, ``csrc/mlp_unroll.h``),
+one native call each, ``csrc/mlp.h``),
 
 .. math::
     \\begin{aligned}
@@ -417,7 +417,7 @@ def unrolled_validation_loss(
     products they need are computed by hand (:mod:`fastmeta.fused_mlp`), with no per-step
     autograd graph; with ReLU (or no activation), float32/float64 CPU tensors, equal batches
     and the native kernels, the node's K steps and its backward are each one native call
-    (``csrc/mlp_unroll.h``, matrix products on torch's BLAS). That node is differentiable
+    (``csrc/mlp.h``, matrix products on torch's BLAS). That node is differentiable
     once: a backward through it with ``create_graph=True`` raises. Any other model runs one
     :func:`fastmeta.functional.momentum` call per step on the gradient from
     ``torch.autograd.grad(..., create_graph=True)``, which is differentiable to any order.

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmeta import backends
 from fastmeta.flat import FlatLayout
 from fastmeta.fused_mlp import MLPSpec, TaskLossGrad, UnsupportedModel, mlp_spec
 
@@ -371,11 +372,12 @@ def test_task_batched_edge_shapes_match_autograd(loss):
             _close(losses, expected[2])
 
 
-def test_task_loss_grad_node_frees_its_tape_without_the_cycle_collector():
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU], ids=["torch-ops", "native-on-cpu"])
+def test_task_loss_grad_node_frees_its_tape_without_the_cycle_collector(activation):
     import gc
     import weakref
 
-    spec, x, y, params = _node_problem(nn.Tanh, (2, 4, 1), "mse", 2, 3)
+    spec, x, y, params = _node_problem(activation, (2, 4, 1), "mse", 2, 3)
     gc.disable()
     try:
         grad, losses, outputs = TaskLossGrad.apply(spec, "mse", params, x, y)
@@ -385,3 +387,119 @@ def test_task_loss_grad_node_frees_its_tape_without_the_cycle_collector():
         assert all(ref() is None for ref in alive), "the node's outputs outlived it"
     finally:
         gc.enable()
+
+
+# ---- The native op (csrc/mlp.h, fastmeta.ops.mlp_task_grads) against the torch ops ---------
+
+
+def _node_forward_backward(spec, loss, params, x, y, grad_weights, loss_weights):
+    """TaskLossGrad's outputs and the gradient w.r.t. ``params`` of
+    ``Σ grad_weights ⊙ g + Σ loss_weights ⊙ ℓ`` (a None weight leaves that term out)."""
+    p = params.detach().clone().requires_grad_()
+    grad, losses, outputs = TaskLossGrad.apply(spec, loss, p, x, y)
+    total = sum(term for term in (
+        None if grad_weights is None else (grad * grad_weights).sum(),
+        None if loss_weights is None else (losses * loss_weights).sum()) if term is not None)
+    (theta_bar,) = torch.autograd.grad(total, p)
+    return grad.detach(), losses.detach(), outputs, theta_bar
+
+
+def _ran_native(calls) -> bool:
+    return ("mlp_task_grads", backends.Impl.NATIVE) in calls
+
+
+needs_native = pytest.mark.skipif(
+    backends.native() is None or not hasattr(backends.native(), "MlpTaskGrads")
+    or backends.torch_blas_gemm(torch.float64) is None,
+    reason="the native extension (with MlpTaskGrads) or torch's BLAS is missing")
+
+
+@needs_native
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("widths, bias", [((1, 6, 5, 1), True), ((4, 6, 3), True),
+                                          ((3, 2), True), ((2, 1, 3), False), ((1, 4, 1), False)],
+                         ids=["sinusoid-like", "wide", "one-layer", "width-1", "no-bias"])
+@pytest.mark.parametrize("terms", ["both", "grad", "losses"])
+def test_native_task_grads_match_the_torch_ops(monkeypatch, loss, widths, bias, terms):
+    """Forward (gradients, losses, outputs) and backward (H ḡ + ℓ̄ g, each term alone and
+    both) of the native op equal the torch ops of MLPSpec in float64, over one task with one
+    example, several tasks, and strided inputs."""
+    if loss == "cross_entropy" and widths[-1] == 1:
+        widths = (*widths[:-1], 2)
+    torch.manual_seed(2)
+    model = _narrow_mlp(nn.ReLU, widths)
+    if not bias:
+        model = nn.Sequential(*[nn.Linear(m.in_features, m.out_features, bias=False)
+                                if isinstance(m, nn.Linear) else m for m in model]).double()
+    layout = FlatLayout.of(model)
+    spec = MLPSpec.of(model, layout)
+    for tasks, rows in ((1, 1), (5, 4)):
+        params = layout.flatten(model).expand(tasks, -1) + 0.5 * torch.randn(
+            tasks, layout.numel, dtype=torch.float64)
+        x, y = _task_batch(loss, tasks, rows, widths)
+        x = torch.cat([x, x], dim=-1)[..., ::2]  # same values, strided
+        grad_weights = None if terms == "losses" else torch.randn_like(params)
+        loss_weights = None if terms == "grad" else torch.randn(tasks, dtype=torch.float64)
+        with backends.trace() as calls:
+            native = _node_forward_backward(spec, loss, params, x, y, grad_weights, loss_weights)
+        assert _ran_native(calls)
+        monkeypatch.setenv("FASTMETA_IMPL", "reference")
+        with backends.trace() as calls:
+            reference = _node_forward_backward(spec, loss, params, x, y, grad_weights,
+                                               loss_weights)
+        monkeypatch.delenv("FASTMETA_IMPL")
+        assert not _ran_native(calls)
+        for actual, expected in zip(native, reference):
+            _close(actual, expected)
+
+
+@needs_native
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_native_task_grads_in_float32_match_float64(loss):
+    spec, x, y, params = _node_problem(nn.ReLU, (3, 16, 8, 4), loss, 6, 5, spread=0.3)
+    weights = torch.randn_like(params)
+    exact = _node_forward_backward(spec, loss, params, x, y, weights, torch.ones(6).double())
+    spec32 = MLPSpec.of(_narrow_mlp(nn.ReLU, (3, 16, 8, 4)).float())
+    with backends.trace() as calls:
+        single = _node_forward_backward(spec32, loss, params.float(), x.float(),
+                                        y.float() if loss == "mse" else y, weights.float(),
+                                        torch.ones(6))
+    assert _ran_native(calls)
+    for actual, expected in zip(single, exact):
+        torch.testing.assert_close(actual.double(), expected, rtol=1e-4,
+                                   atol=1e-5 * float(expected.abs().max()))
+
+
+@needs_native
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_native_task_grads_node_passes_gradcheck(loss):
+    spec, x, y, params = _node_problem(nn.ReLU, (2, 5, 4, 3), loss, 3, 4, spread=0.1)
+
+    def node(p):
+        grad, losses, _ = TaskLossGrad.apply(spec, loss, p, x, y)
+        return grad, losses
+
+    with backends.trace() as calls:
+        assert torch.autograd.gradcheck(node, (params,))
+    assert _ran_native(calls)
+
+
+def test_the_torch_ops_run_where_the_native_op_does_not_apply(monkeypatch):
+    """Tanh (the native op is ReLU only), no torch BLAS, and FASTMETA_IMPL=reference all run
+    the torch ops, with the same results."""
+    spec, x, y, params = _node_problem(nn.Tanh, (2, 4, 1), "mse", 2, 3)
+    with backends.trace() as calls:
+        TaskLossGrad.apply(spec, "mse", params, x, y)
+    assert not _ran_native(calls)
+    spec, x, y, params = _node_problem(nn.ReLU, (2, 4, 1), "mse", 2, 3, spread=0.2)
+    with backends.trace() as calls:
+        expected = TaskLossGrad.apply(spec, "mse", params, x, y)
+    assert _ran_native(calls) or backends.native() is None
+    for env in ("FASTMETA_NO_TORCH_BLAS", "FASTMETA_IMPL"):
+        monkeypatch.setenv(env, "1" if env == "FASTMETA_NO_TORCH_BLAS" else "reference")
+        with backends.trace() as calls:
+            got = TaskLossGrad.apply(spec, "mse", params, x, y)
+        monkeypatch.delenv(env)
+        assert not _ran_native(calls)
+        for actual, want in zip(got, expected):
+            _close(actual.detach(), want.detach())

@@ -131,7 +131,7 @@ MLP_MODELS = {
     "relu": lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(),
                                   nn.Linear(4, 3)),
 }
-# The models the native unroll (csrc/mlp_unroll.h) runs: ReLU between the layers, or none.
+# The models the native unroll (csrc/mlp.h) runs: ReLU between the layers, or none.
 NATIVE_UNROLL_MODELS = ("relu", "relu_no_bias", "linear")
 UNSUPPORTED_MODELS = {
     "GELU": lambda: nn.Sequential(nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 3)),

@@ -3,7 +3,7 @@
 :class:`NativeMLPUnroll` runs K momentum-SGD steps of an MLP (:class:`fastmeta.fused_mlp.MLPSpec`
 with ReLU between the layers) on mean cross-entropy in one native call, keeping the
 trajectory, and their reverse pass (each step's VJP and the Hessian-vector product of its
-training loss) in another: ``csrc/mlp_unroll.h`` has the maths. The Python loop of
+training loss) in another: ``csrc/mlp.h`` has the maths. The Python loop of
 :class:`fastmeta.hpo._UnrolledMLP` computes the same thing on torch ops and is what the tests
 compare it with.
 """
@@ -26,7 +26,7 @@ __all__ = ["NativeMLPUnroll"]
 class NativeMLPUnroll:
     """K momentum-SGD training steps of a ReLU MLP on cross-entropy, and their reverse pass, as
     two native calls (``fastmeta._C.MlpUnroll.forward`` and ``.backward``,
-    csrc/mlp_unroll.h): the loop of :class:`fastmeta.hpo._UnrolledMLP` with the same maths,
+    csrc/mlp.h): the loop of :class:`fastmeta.hpo._UnrolledMLP` with the same maths,
     the K steps' trajectory in a few ``[K, ...]`` tensors instead of ~70 torch calls per step,
     and the matrix products on torch's own BLAS. :meth:`maybe` takes it for a ReLU MLP on the
     CPU in float32/float64 with equal batches and the native step kernels; the Python loop
@@ -35,7 +35,6 @@ class NativeMLPUnroll:
     def __init__(self, spec: MLPSpec, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                  first: tl.StepConfig, later: tl.StepConfig, theta: torch.Tensor,
                  buffer: torch.Tensor | None, kernels: tl.StepKernels, gemm: int) -> None:
-        layout = spec.layout
         steps, batch = len(batches), batches[0][0].shape[0]
         self.theta0 = theta.detach().contiguous()
         self.buffer0 = None if buffer is None else buffer.detach().contiguous()
@@ -49,18 +48,12 @@ class NativeMLPUnroll:
         self.deltas = [self.theta0.new_empty((steps, batch, ly.out_features))
                        for ly in spec.layers]
         self.q = self.theta0.new_empty((steps, batch, spec.layers[-1].out_features))
-        entries = layout.entries
-        layers = []
-        for ly in spec.layers:
-            layers += [entries[ly.weight].offset,
-                       -1 if ly.bias is None else entries[ly.bias].offset,
-                       ly.in_features, ly.out_features]
         self.kernels = kernels
         self.needs_param = first.needs_param
         self.native = native().MlpUnroll(
-            gemm, layers, self.theta0.data_ptr(), tl._ptr(self.buffer0), self.x.data_ptr(),
-            self.y.data_ptr(), steps, batch, self.thetas.data_ptr(), self.buffers.data_ptr(),
-            self.grads.data_ptr(), [h.data_ptr() for h in self.hs],
+            gemm, spec.native_layers, self.theta0.data_ptr(), tl._ptr(self.buffer0),
+            self.x.data_ptr(), self.y.data_ptr(), steps, batch, self.thetas.data_ptr(),
+            self.buffers.data_ptr(), self.grads.data_ptr(), [h.data_ptr() for h in self.hs],
             [d.data_ptr() for d in self.deltas], self.q.data_ptr(), n,
             tl.DTYPE_CODES[self.theta0.dtype], kernels.table.data_ptr(),
             tl._ptr(kernels.lr_elem), kernels.lr_stride,
@@ -78,7 +71,7 @@ class NativeMLPUnroll:
         configurations of the first step and of the others; ``kernels`` the fused step's."""
         if (kernels is None or kernels.impl is not Impl.NATIVE or theta.device.type != "cpu"
                 or theta.dim() != 1 or theta.numel() == 0 or not relu_only(spec)
-                or sys.byteorder != "little"  # see GemmFn in csrc/mlp_unroll.h
+                or sys.byteorder != "little"  # see GemmFn in csrc/mlp.h
                 or any(ly.in_features == 0 or ly.out_features == 0 for ly in spec.layers)
                 or not hasattr(native(), "MlpUnroll")):  # None, or an older build
             return None

@@ -1,23 +1,28 @@
-// K training steps of a ReLU MLP with mean cross-entropy, and their reverse pass, in one native
-// call each: the native twin of fastmeta.hpo._UnrolledMLP's Python loop (which stays the path
-// for everything this one does not cover, and is what the tests compare it with).
+// A ReLU MLP's training-loss gradient and its Hessian-vector product, for one task, in a few
+// BLAS products and plain loops. Two native ops use it: the HPO unroll (K momentum-SGD steps and
+// their reverse pass, fastmeta/ops/mlp_unroll.py) and the task-batched gradients of MAML's inner
+// loop and query (one gradient per task of a [T, N] buffer, fastmeta/ops/mlp_task_grads.py).
+// The Python twins, which the tests compare them with, are fastmeta/fused_mlp.py's MLPSpec.
 //
-// The maths is fastmeta/fused_mlp.py's, layer by layer (l = 1..L, h_0 = x, W_l is [d_l, d_{l-1}]):
+// The maths is fastmeta/fused_mlp.py's, layer by layer (l = 1..L, h_0 = x, W_l is [d_l, d_{l-1}],
+// B rows, C outputs):
 //
-//   forward     a_l = h_{l-1} W_l^T + b_l,   h_l = relu(a_l),   Q = softmax(a_L) / B
-//   gradient    δ_L = Q - onehot(y) / B,     ∇W_l = δ_l^T h_{l-1},   ∇b_l = Σ_rows δ_l,
-//               δ_{l-1} = (δ_l W_l) ⊙ [h_{l-1} > 0]
+//   forward     a_l = h_{l-1} W_l^T + b_l,   h_l = relu(a_l),   z = a_L
+//   loss        cross-entropy: Q = softmax(z) / B,   δ_L = Q - onehot(y) / B
+//               mean squared error (over rows and outputs): δ_L = s (z - y),   s = 2 / (B C)
+//   gradient    ∇W_l = δ_l^T h_{l-1},   ∇b_l = Σ_rows δ_l,   δ_{l-1} = (δ_l W_l) ⊙ [h_{l-1} > 0]
 //   H v         (Pearlmutter's R-operator, v = (V_l, c_l)):
 //               Ra_l = h_{l-1} V_l^T + c_l + Rh_{l-1} W_l^T,   Rh_l = Ra_l ⊙ [h_l > 0]
-//               Rδ_L = Q ⊙ Ra_L - B Q ⊙ Σ_cols(Q ⊙ Ra_L)
+//               Rδ_L = Q ⊙ Ra_L - B Q ⊙ Σ_cols(Q ⊙ Ra_L)   (cross-entropy)
+//               Rδ_L = s Ra_L                               (mean squared error)
 //               (Hv)_{W_l} = Rδ_l^T h_{l-1} + δ_l^T Rh_{l-1},   (Hv)_{b_l} = Σ_rows Rδ_l,
 //               Rδ_{l-1} = (Rδ_l W_l + δ_l V_l) ⊙ [h_{l-1} > 0]
 //
 // Why native: in Python each of the ~70 torch calls of a step (forward, gradient, step kernel,
-// its VJP, H v) costs 2-4 µs of dispatch, as much as the arithmetic of the digits MLP's small
-// products. The products here go to the BLAS that torch itself uses (sgemm_/dgemm_, whose
-// addresses Python finds in torch's library and passes in), so the extension still links
-// against no torch or BLAS library. Everything else is a plain loop on the calling thread.
+// its VJP, H v) costs 2-4 µs of dispatch, as much as the arithmetic of a small MLP's products.
+// The products here go to the BLAS that torch itself uses (sgemm_/dgemm_, whose addresses
+// Python finds in torch's library and passes in), so the extension still links against no
+// torch or BLAS library. Everything else is a plain loop.
 #pragma once
 
 #include <algorithm>
@@ -59,16 +64,37 @@ struct Layer {
   int64_t weight, bias, d_in, d_out;
 };
 
+// The loss of loss_grad: the mean cross-entropy of int64 class labels, or the mean squared
+// error of targets shaped like the output (F.mse_loss: the mean over rows and outputs).
+enum class Loss : int { kCrossEntropy = 0, kMse = 1 };
+
+// What the loss compares the output with: labels ([B], cross-entropy) or values ([B, C], mean
+// squared error); the other is null.
+template <typename T>
+struct Targets {
+  Loss loss;
+  const int64_t* labels;
+  const T* values;
+};
+
 // Where one step's tape lives (all row-major, batch-major): the input batch x ([B, d_0]),
-// h[l] for l = 1..L-1 ([B, d_l]), delta[l] for l = 1..L ([B, d_l]), q ([B, C]).
+// h[l] for l = 1..L-1 ([B, d_l]), delta[l] for l = 1..L ([B, d_l]), q ([B, C]; cross-entropy
+// only, null for the mean squared error, whose Rδ_L needs no tape).
 template <typename T>
 struct Tape {
+  Loss loss;
   const T* x;
   std::vector<T*> h;         // size L: h[l] = h_l, h[0] unused
   std::vector<T*> delta;     // size L + 1: delta[l], delta[0] unused
   T* q;
   const T* input(int64_t l) const { return l == 0 ? x : h[l]; }  // h_l with h_0 = x
 };
+
+// s = 2 / (B C): δ_L = s (z - y) for the mean squared error.
+template <typename T>
+inline T mse_scale(int64_t batch, int64_t classes) {
+  return T(2) / static_cast<T>(batch * classes);
+}
 
 // rows x cols row-major: out[j] (+)= Σ_i m[i, j].
 template <typename T>
@@ -94,15 +120,16 @@ inline T fill_bias(T* out, const T* bias, int64_t rows, int64_t cols) {
   return T(1);
 }
 
-// The gradient of the mean cross-entropy at theta on (x, y): writes grad ([N]) and the tape.
-// logits: [B, C] scratch.
+// The gradient of the mean loss at theta on (x, targets): writes grad ([N]), the tape, the
+// output z ([B, C]) and, where loss is not null, the loss value.
 template <typename T>
 void loss_grad(const Blas<T>& blas, const std::vector<Layer>& layers, const T* theta,
-               const int64_t* y, int64_t batch, const Tape<T>& tape, T* logits, T* grad) {
+               const Targets<T>& targets, int64_t batch, const Tape<T>& tape, T* outputs,
+               T* grad, T* loss = nullptr) {
   const int64_t L = static_cast<int64_t>(layers.size());
   for (int64_t l = 1; l <= L; ++l) {
     const Layer& ly = layers[l - 1];
-    T* out = l < L ? tape.h[l] : logits;
+    T* out = l < L ? tape.h[l] : outputs;
     const T beta = fill_bias(out, ly.bias >= 0 ? theta + ly.bias : nullptr, batch, ly.d_out);
     blas(false, true, batch, ly.d_out, ly.d_in, tape.input(l - 1), ly.d_in, theta + ly.weight,
          ly.d_in, beta, out, ly.d_out);
@@ -110,23 +137,38 @@ void loss_grad(const Blas<T>& blas, const std::vector<Layer>& layers, const T* t
       for (int64_t i = 0; i < batch * ly.d_out; ++i) out[i] = out[i] < T(0) ? T(0) : out[i];
   }
   const int64_t classes = layers.back().d_out;
-  const T inv_batch = T(1) / static_cast<T>(batch);
   T* delta = tape.delta[L];
-  for (int64_t i = 0; i < batch; ++i) {
-    const T* a = logits + i * classes;
-    T* q = tape.q + i * classes;
-    T peak = a[0];
-    for (int64_t j = 1; j < classes; ++j) peak = a[j] > peak ? a[j] : peak;
+  if (targets.loss == Loss::kMse) {
+    const T scale = mse_scale<T>(batch, classes);
     T total = 0;
-    for (int64_t j = 0; j < classes; ++j) {
-      q[j] = std::exp(a[j] - peak);
-      total += q[j];
+    for (int64_t i = 0; i < batch * classes; ++i) {
+      const T error = outputs[i] - targets.values[i];
+      total += error * error;
+      delta[i] = error * scale;
     }
-    for (int64_t j = 0; j < classes; ++j) {
-      q[j] = q[j] / total * inv_batch;
-      delta[i * classes + j] = q[j];
+    if (loss != nullptr) *loss = total / static_cast<T>(batch * classes);
+  } else {
+    const T inv_batch = T(1) / static_cast<T>(batch);
+    T nll = 0;  // Σ_rows -log P[y]
+    for (int64_t i = 0; i < batch; ++i) {
+      const T* a = outputs + i * classes;
+      T* q = tape.q + i * classes;
+      T peak = a[0];
+      for (int64_t j = 1; j < classes; ++j) peak = a[j] > peak ? a[j] : peak;
+      T total = 0;
+      for (int64_t j = 0; j < classes; ++j) {
+        q[j] = std::exp(a[j] - peak);
+        total += q[j];
+      }
+      for (int64_t j = 0; j < classes; ++j) {
+        q[j] = q[j] / total * inv_batch;
+        delta[i * classes + j] = q[j];
+      }
+      const int64_t label = targets.labels[i];  // checked in range by Python
+      delta[i * classes + label] -= inv_batch;
+      nll += peak + std::log(total) - a[label];
     }
-    delta[i * classes + y[i]] -= inv_batch;  // y was checked in range by Python
+    if (loss != nullptr) *loss = nll * inv_batch;
   }
   for (int64_t l = L; l >= 1; --l) {
     const Layer& ly = layers[l - 1];
@@ -185,7 +227,11 @@ void hvp(const Blas<T>& blas, const std::vector<Layer>& layers, const T* theta,
   const int64_t classes = layers.back().d_out;
   T* r_delta = s.r_delta.data();
   const T* ra_last = s.ra[L].data();
-  for (int64_t i = 0; i < batch; ++i) {
+  if (tape.loss == Loss::kMse) {
+    const T scale = mse_scale<T>(batch, classes);
+    for (int64_t i = 0; i < batch * classes; ++i) r_delta[i] = scale * ra_last[i];
+  }
+  for (int64_t i = 0; tape.loss == Loss::kCrossEntropy && i < batch; ++i) {
     const T* q = tape.q + i * classes;
     T sum = 0;
     for (int64_t j = 0; j < classes; ++j) sum += q[j] * ra_last[i * classes + j];
