@@ -28,6 +28,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -164,7 +166,10 @@ void loss_grad(const Blas<T>& blas, const std::vector<Layer>& layers, const T* t
         q[j] = q[j] / total * inv_batch;
         delta[i * classes + j] = q[j];
       }
-      const int64_t label = targets.labels[i];  // checked in range by Python
+      const int64_t label = targets.labels[i];
+      if (label < 0 || label >= classes)  // the torch ops raise too (scatter_add)
+        throw std::out_of_range("class index " + std::to_string(label) + " is outside [0, " +
+                                std::to_string(classes) + ")");
       delta[i * classes + label] -= inv_batch;
       nll += peak + std::log(total) - a[label];
     }

@@ -10,7 +10,13 @@ from torch import nn
 
 from fastmeta import backends
 from fastmeta.flat import FlatLayout
-from fastmeta.fused_mlp import MLPSpec, TaskLossGrad, UnsupportedModel, mlp_spec
+from fastmeta.fused_mlp import (
+    MLPSpec,
+    TaskLossGrad,
+    UnsupportedModel,
+    mlp_spec,
+    task_loss_grads,
+)
 
 # Both sides compute the same products in float64, in a different order.
 RTOL = 1e-10
@@ -503,3 +509,93 @@ def test_the_torch_ops_run_where_the_native_op_does_not_apply(monkeypatch):
         assert not _ran_native(calls)
         for actual, want in zip(got, expected):
             _close(actual.detach(), want.detach())
+
+
+@needs_native
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_native_task_grads_in_parallel_match_the_torch_ops(monkeypatch, loss):
+    """T = 25 tasks of 10 rows on a 1-40-40-5 network: enough work that the tasks run on
+    every OpenMP thread; the no-grad path (first-order steps, evaluation) too, and a backward
+    run twice (retain_graph) gives the same result."""
+    spec, x, y, params = _node_problem(nn.ReLU, (1, 40, 40, 5), loss, 25, 10, spread=0.2)
+    weights, loss_weights = torch.randn_like(params), torch.randn(25, dtype=torch.float64)
+    native = _node_forward_backward(spec, loss, params, x, y, weights, loss_weights)
+    with backends.trace() as calls:
+        no_grad = task_loss_grads(spec, loss, params, x, y, create_graph=False)
+    assert _ran_native(calls)
+    p = params.detach().clone().requires_grad_()
+    grad, losses, _ = TaskLossGrad.apply(spec, loss, p, x, y)
+    total = (grad * weights).sum() + (losses * loss_weights).sum()
+    first = torch.autograd.grad(total, p, retain_graph=True)[0]
+    assert torch.equal(first, torch.autograd.grad(total, p)[0])
+    monkeypatch.setenv("FASTMETA_IMPL", "reference")
+    reference = _node_forward_backward(spec, loss, params, x, y, weights, loss_weights)
+    reference_no_grad = task_loss_grads(spec, loss, params, x, y, create_graph=False)
+    for actual, expected in [*zip(native, reference), *zip(no_grad, reference_no_grad)]:
+        _close(actual, expected)
+
+
+def test_inputs_the_native_op_cannot_read_run_the_torch_ops(monkeypatch):
+    """x or targets of another dtype than θ (a float64 lr promotes θ after the first inner
+    step), targets that broadcast, and int32 labels: the torch ops run, with their results
+    (the native op would read the bytes as something else)."""
+    spec, x, y, params = _node_problem(nn.ReLU, (2, 4, 3), "mse", 2, 3, spread=0.2)
+    cases = [("mse", params, x.float(), y), ("mse", params, x, y.float()),
+             ("mse", params, x, y[:, :1]), ("mse", params.float(), x, y.float()),
+             ("cross_entropy", params, x, torch.tensor([[0, 2, 1], [1, 1, 0]], dtype=torch.int32))]
+    for loss, theta, xs, ys in cases:
+        with backends.trace() as calls:
+            try:
+                got = TaskLossGrad.apply(spec, loss, theta, xs, ys)
+            except RuntimeError as error:  # e.g. torch's scatter_add refuses int32 labels
+                got = error
+        assert not _ran_native(calls), (loss, xs.dtype, ys.dtype, list(ys.shape))
+        monkeypatch.setenv("FASTMETA_IMPL", "reference")
+        try:
+            want = TaskLossGrad.apply(spec, loss, theta, xs, ys)
+        except RuntimeError as error:
+            want = error
+        monkeypatch.delenv("FASTMETA_IMPL")
+        if isinstance(want, Exception):
+            assert type(got) is type(want) and str(got) == str(want)
+        else:
+            for actual, expected in zip(got, want):
+                torch.testing.assert_close(actual.detach(), expected.detach())
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_a_class_label_out_of_range_raises_on_both_paths(monkeypatch, impl):
+    spec, x, _, params = _node_problem(nn.ReLU, (2, 4, 3), "cross_entropy", 2, 3)
+    if impl == "reference":
+        monkeypatch.setenv("FASTMETA_IMPL", "reference")
+    for label in (3, -1):
+        y = torch.tensor([[0, 1, 2], [1, label, 0]])
+        with pytest.raises((IndexError, RuntimeError), match="out of|outside"):
+            TaskLossGrad.apply(spec, "cross_entropy", params, x, y)
+
+
+def test_fastmeta_impl_is_obeyed(monkeypatch):
+    """native: the op, or an error saying why not (tanh); triton: the torch ops, as on a GPU
+    (the op has no Triton kernel)."""
+    spec, x, y, params = _node_problem(nn.Tanh, (2, 4, 1), "mse", 2, 3)
+    monkeypatch.setenv("FASTMETA_IMPL", "native")
+    with pytest.raises(backends.ImplementationUnavailable, match="ReLU"):
+        TaskLossGrad.apply(spec, "mse", params, x, y)
+    monkeypatch.setenv("FASTMETA_IMPL", "triton")
+    with backends.trace() as calls:
+        TaskLossGrad.apply(spec, "mse", params, x, y)
+    assert calls == [("mlp_task_grads", backends.Impl.REFERENCE)]
+    if backends.native() is not None and backends.torch_blas_gemm(torch.float64) is not None:
+        spec, x, y, params = _node_problem(nn.ReLU, (2, 4, 1), "mse", 2, 3)
+        monkeypatch.setenv("FASTMETA_IMPL", "native")
+        with backends.trace() as calls:
+            TaskLossGrad.apply(spec, "mse", params, x, y)
+        assert calls == [("mlp_task_grads", backends.Impl.NATIVE)]
+
+
+@needs_native
+def test_autocast_runs_the_torch_ops():
+    spec, x, y, params = _node_problem(nn.ReLU, (2, 4, 1), "mse", 2, 3)
+    with torch.autocast("cpu"), backends.trace() as calls:
+        TaskLossGrad.apply(spec, "mse", params.float(), x.float(), y.float())
+    assert not _ran_native(calls)

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastmeta.backends import Impl, native, note, resolve, torch_blas_gemm
+from fastmeta.backends import (
+    Impl,
+    ImplementationUnavailable,
+    native,
+    note,
+    requested_impl,
+    torch_blas_gemm,
+)
 from fastmeta.ops import tensor_lists as tl
 
 if TYPE_CHECKING:  # fused_mlp imports this module
@@ -59,34 +66,73 @@ class NativeMLPTaskGrads:
     @classmethod
     def maybe(cls, spec: MLPSpec, loss: str, theta: torch.Tensor, x: torch.Tensor,
               y: torch.Tensor) -> NativeMLPTaskGrads | None:
-        """The native op where it applies, else None (the torch path of
-        :class:`~fastmeta.fused_mlp.MLPSpec`).
+        """The native op where it applies, else None (the torch ops of
+        :class:`~fastmeta.fused_mlp.MLPSpec` run instead).
 
-        It applies to a ReLU MLP (or one with no activation) on float32/float64 CPU tensors,
-        with the native extension built (``FASTMETA_IMPL=reference`` turns it off) and torch's
-        BLAS found (:func:`fastmeta.backends.torch_blas_gemm`). ``theta`` is the contiguous
-        ``[T, N]`` buffer, and ``(x, y)`` the ``[T, B, ...]`` batch that
-        :meth:`~fastmeta.fused_mlp.MLPSpec.check_batch` accepted (labels in range).
+        It applies to a ReLU MLP (or one with no activation) on float32/float64 CPU tensors
+        outside autocast: θ the contiguous ``[T, N]`` buffer, ``x`` ``[T, B, in_features]`` of
+        θ's dtype, ``y`` ``[T, B]`` int64 labels (cross-entropy) or ``[T, B, C]`` targets of
+        θ's dtype, with the native extension built and torch's BLAS found
+        (:func:`fastmeta.backends.torch_blas_gemm`). A label out of ``[0, C)`` raises
+        ``IndexError`` (the torch ops raise too).
+
+        ``FASTMETA_IMPL`` is obeyed: ``reference`` runs the torch ops; ``native`` runs this op
+        or raises :class:`~fastmeta.backends.ImplementationUnavailable` saying why it cannot;
+        ``triton`` runs the torch ops, as on a GPU (there is no Triton kernel for this op).
         """
-        if (theta.device.type != "cpu" or theta.dim() != 2 or theta.numel() == 0
-                or theta.dtype not in _DTYPES or not theta.is_contiguous()
-                or sys.byteorder != "little"):  # see GemmFn in csrc/mlp.h
+        requested = requested_impl(Impl.AUTO)
+        if requested in (Impl.REFERENCE, Impl.TRITON):
+            note(OP, Impl.REFERENCE)
             return None
-        if resolve(Impl.AUTO, theta.device, op=OP, record=False) is not Impl.NATIVE:
-            return None
-        module = native()
-        if not hasattr(module, "MlpTaskGrads"):  # an older build
-            return None
+        why, gemm = cls._why_not(spec, loss, theta, x, y)
+        if why is None:
+            note(OP, Impl.NATIVE)
+            return cls(spec, loss, theta, x, y, gemm)
+        if requested is Impl.NATIVE:
+            raise ImplementationUnavailable(f"{OP}: impl=native was requested but {why}")
+        note(OP, Impl.REFERENCE)
+        return None
+
+    @staticmethod
+    def _why_not(spec: MLPSpec, loss: str, theta: torch.Tensor, x: torch.Tensor,
+                 y: torch.Tensor) -> tuple[str | None, int]:
+        """``(None, gemm address)`` when the op can run these tensors, else ``(reason, 0)``."""
+        if theta.device.type != "cpu":
+            return f"the native MLP op runs on CPU tensors, and θ is on {theta.device}", 0
+        if theta.dtype not in _DTYPES:
+            return f"the native MLP op runs on float32/float64, and θ is {theta.dtype}", 0
+        if torch.is_autocast_enabled("cpu"):
+            return "CPU autocast is on (the torch ops follow its dtype rules)", 0
+        tasks = theta.shape[0] if theta.dim() == 2 else 0
+        if theta.dim() != 2 or theta.shape[1] != spec.layout.numel or not theta.is_contiguous():
+            return (f"θ is not a contiguous [T, {spec.layout.numel}] buffer "
+                    f"(shape {list(theta.shape)})"), 0
+        rows = x.shape[1] if x.dim() == 3 else 0
+        if (x.device != theta.device or x.dtype != theta.dtype or rows < 1
+                or x.shape != (tasks, rows, spec.in_features)):
+            return (f"x is {x.dtype} {list(x.shape)} on {x.device}, not {theta.dtype} "
+                    f"[{tasks}, B, {spec.in_features}] on {theta.device}"), 0
+        want = ((torch.int64, (tasks, rows)) if loss == "cross_entropy"
+                else (theta.dtype, (tasks, rows, spec.classes)))
+        if y.device != theta.device or (y.dtype, y.shape) != want:
+            return (f"y is {y.dtype} {list(y.shape)} on {y.device}, not {want[0]} "
+                    f"{list(want[1])} on {theta.device}"), 0
+        if sys.byteorder != "little":  # see GemmFn in csrc/mlp.h
+            return "the native MLP op runs on little-endian CPUs only", 0
         from fastmeta.fused_mlp import relu_only  # fused_mlp imports this module
 
-        if not relu_only(spec) or any(ly.in_features == 0 or ly.out_features == 0
-                                      for ly in spec.layers):
-            return None
+        if not relu_only(spec):
+            return "the native MLP op covers ReLU between the layers only", 0
+        if any(ly.in_features == 0 or ly.out_features == 0 for ly in spec.layers):
+            return "a layer has no inputs or no outputs", 0
+        module = native()
+        if module is None or not hasattr(module, "MlpTaskGrads"):  # or an older build
+            return "the extension fastmeta._C (with MlpTaskGrads) is not built", 0
         gemm = torch_blas_gemm(theta.dtype)
         if gemm is None:
-            return None
-        note(OP, Impl.NATIVE)
-        return cls(spec, loss, theta, x, y, gemm)
+            return ("torch's BLAS was not found in libtorch_cpu (or FASTMETA_NO_TORCH_BLAS=1)",
+                    0)
+        return None, gemm
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Runs the forward: ``(grads [T, N], losses [T], outputs [T, B, C])``. It returns its
