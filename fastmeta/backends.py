@@ -76,7 +76,7 @@ def native() -> ModuleType | None:
 
 _blas_gemm: dict[torch.dtype, int | None] = {}
 # Set FASTMETA_NO_TORCH_BLAS=1 to keep the native code from calling torch's BLAS (the MLP
-# unroll of fastmeta.hpo then runs its Python path).
+# unroll of fastmeta.hpo and MAML's MLP task gradients then run their torch paths).
 _NO_TORCH_BLAS = "FASTMETA_NO_TORCH_BLAS"
 
 
@@ -281,7 +281,7 @@ def available() -> dict[str, Any]:
         "triton_interpreted": triton_interpreted(),
         "cuda": torch.cuda.is_available(),
         "impl_override": os.environ.get(IMPL_ENV_VAR) or None,
-        # torch's BLAS, which the native MLP unroll of fastmeta.hpo calls (None: not found or
-        # FASTMETA_NO_TORCH_BLAS=1, and that unroll runs its Python loop).
+        # torch's BLAS, which the native MLP ops call (the HPO unroll, MAML's task gradients;
+        # False: not found or FASTMETA_NO_TORCH_BLAS=1, and they run their torch paths).
         "torch_blas": torch_blas_gemm(torch.float32) is not None,
     }

@@ -45,8 +45,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("cuda", torch.cuda.get_device_name(0) if info["cuda"] else "not available"),
         ("FASTMETA_IMPL", info["impl_override"] or "unset (auto)"),
         ("torch BLAS from native",
-         "found (the HPO unroll of a ReLU MLP is native)" if info["torch_blas"]
-         else "not used (the HPO unroll runs its Python loop)"),
+         "found (a ReLU MLP's HPO unroll and MAML task gradients are native)"
+         if info["torch_blas"]
+         else "not used (a ReLU MLP's HPO unroll and MAML task gradients run torch ops)"),
     ]
     impls = ["reference"]
     if info["native"]:
