@@ -16,6 +16,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -578,26 +579,37 @@ struct Unroll {
   }
 };
 
+// What both native MLP ops check of their shared arguments (Python has checked them too): the
+// byte order, the BLAS address, the dtype and the layer table, (weight offset, bias offset or
+// -1, d_in, d_out) per layer, which it returns as Layers. what names the op in the messages.
+std::vector<mlp::Layer> mlp_layers(const char* what, int64_t gemm,
+                                   const std::vector<int64_t>& layers, int dtype) {
+  const std::string op(what);
+  if (!mlp::kLittleEndian)
+    throw std::runtime_error(op + " runs on little-endian CPUs only (see GemmFn)");
+  if (gemm == 0) throw std::invalid_argument("gemm: the BLAS ?gemm_ address is null");
+  if (dtype != kFloat32 && dtype != kFloat64)
+    throw std::invalid_argument("dtype: " + op + " runs on float32 or float64");
+  if (layers.empty() || layers.size() % 4 != 0)
+    throw std::invalid_argument("layers: (weight, bias, d_in, d_out) per layer");
+  std::vector<mlp::Layer> out;
+  for (size_t i = 0; i < layers.size(); i += 4) {
+    if (layers[i + 2] < 1 || layers[i + 3] < 1)
+      throw std::invalid_argument("layers: every width must be >= 1");
+    out.push_back({layers[i], layers[i + 1], layers[i + 2], layers[i + 3]});
+  }
+  return out;
+}
+
 Unroll make_unroll(int64_t gemm, const std::vector<int64_t>& layers, int64_t theta0,
                    int64_t buffer0,
                    int64_t x, int64_t y, int64_t steps, int64_t batch, int64_t thetas,
                    int64_t buffers, int64_t grads, const Ptrs& hs, const Ptrs& deltas,
                    int64_t q, int64_t numel, int dtype, int64_t hyper, int64_t lr,
                    int64_t lr_stride, double step, int flags_first, int flags_later) {
-  if (!mlp::kLittleEndian)
-    throw std::runtime_error("the MLP unroll runs on little-endian CPUs only (see GemmFn)");
-  if (gemm == 0) throw std::invalid_argument("gemm: the BLAS ?gemm_ address is null");
-  if (layers.empty() || layers.size() % 4 != 0)
-    throw std::invalid_argument("layers: (weight, bias, d_in, d_out) per layer");
-  for (size_t i = 0; i < layers.size(); i += 4)
-    if (layers[i + 2] < 1 || layers[i + 3] < 1)
-      throw std::invalid_argument("layers: every width must be >= 1");
-  if (dtype != kFloat32 && dtype != kFloat64)
-    throw std::invalid_argument("dtype: the MLP unroll runs on float32 or float64");
   Unroll u;
   u.gemm = gemm;
-  for (size_t i = 0; i < layers.size(); i += 4)
-    u.layers.push_back({layers[i], layers[i + 1], layers[i + 2], layers[i + 3]});
+  u.layers = mlp_layers("the MLP unroll", gemm, layers, dtype);
   const size_t L = u.layers.size();
   if (hs.size() != L - 1 || deltas.size() != L)
     throw std::invalid_argument("hs: one per hidden layer, deltas: one per layer");
@@ -774,16 +786,7 @@ void for_each_task(const TaskGrads& g, Body body) {
 TaskGrads make_task_grads(int64_t gemm, const std::vector<int64_t>& layers, int loss,
                           int64_t tasks, int64_t batch, int64_t numel, int64_t theta, int64_t x,
                           int64_t y, int64_t grads, int64_t losses, int64_t outputs, int dtype) {
-  if (!mlp::kLittleEndian)
-    throw std::runtime_error("the MLP task gradients run on little-endian CPUs only (see GemmFn)");
-  if (gemm == 0) throw std::invalid_argument("gemm: the BLAS ?gemm_ address is null");
-  if (layers.empty() || layers.size() % 4 != 0)
-    throw std::invalid_argument("layers: (weight, bias, d_in, d_out) per layer");
-  for (size_t i = 0; i < layers.size(); i += 4)
-    if (layers[i + 2] < 1 || layers[i + 3] < 1)
-      throw std::invalid_argument("layers: every width must be >= 1");
-  if (dtype != kFloat32 && dtype != kFloat64)
-    throw std::invalid_argument("dtype: the MLP task gradients run on float32 or float64");
+  std::vector<mlp::Layer> parsed = mlp_layers("the MLP task gradients", gemm, layers, dtype);
   if (loss != static_cast<int>(mlp::Loss::kCrossEntropy) &&
       loss != static_cast<int>(mlp::Loss::kMse))
     throw std::invalid_argument("loss: 0 (cross-entropy) or 1 (mean squared error)");
@@ -793,8 +796,7 @@ TaskGrads make_task_grads(int64_t gemm, const std::vector<int64_t>& layers, int 
     throw std::invalid_argument("theta, x, y, grads, losses and outputs must not be null");
   TaskGrads g;
   g.gemm = gemm;
-  for (size_t i = 0; i < layers.size(); i += 4)
-    g.layers.push_back({layers[i], layers[i + 1], layers[i + 2], layers[i + 3]});
+  g.layers = std::move(parsed);
   g.loss = static_cast<mlp::Loss>(loss);
   g.tasks = tasks; g.batch = batch; g.numel = numel; g.theta = theta; g.x = x; g.y = y;
   g.grads = grads; g.losses = losses; g.outputs = outputs; g.dtype = dtype;

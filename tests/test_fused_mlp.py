@@ -599,3 +599,28 @@ def test_autocast_runs_the_torch_ops():
     with torch.autocast("cpu"), backends.trace() as calls:
         TaskLossGrad.apply(spec, "mse", params.float(), x.float(), y.float())
     assert not _ran_native(calls)
+
+
+def test_zero_tasks_give_empty_results():
+    spec, x, y, params = _node_problem(nn.ReLU, (2, 4, 1), "mse", 2, 3)
+    grads, losses, outputs = task_loss_grads(spec, "mse", params[:0].detach(), x[:0], y[:0],
+                                             create_graph=False)
+    assert grads.shape == (0, params.shape[1]) and losses.shape == (0,)
+    assert outputs.shape == (0, 3, 1)
+
+
+@needs_native
+def test_native_float32_loss_is_summed_without_drift():
+    """200,000 squared errors: a float32 running sum drifts by ~1e-5 relative; the native op
+    sums in double, like torch's reduction."""
+    torch.manual_seed(3)
+    model = _narrow_mlp(nn.ReLU, (2, 4, 10)).float()
+    spec = MLPSpec.of(model)
+    params = spec.layout.flatten(model).unsqueeze(0).contiguous()
+    x, y = torch.randn(1, 20000, 2), torch.randn(1, 20000, 10) * 3
+    with backends.trace() as calls:
+        _, losses, _ = task_loss_grads(spec, "mse", params, x, y, create_graph=False)
+    assert _ran_native(calls)
+    exact = F.mse_loss(spec.layout.call_unchecked(model.double(), params[0].double(),
+                                                  (x[0].double(),)), y[0].double())
+    torch.testing.assert_close(losses[0].double(), exact, rtol=2e-7, atol=0)

@@ -17,7 +17,7 @@ from fastmeta.backends import Impl
 from fastmeta.cli import main
 from fastmeta.flat import FlatLayout
 from fastmeta.fused_mlp import UnsupportedModel
-from fastmeta.ops import mlp_unroll
+from fastmeta.ops import mlp_native, mlp_unroll
 from tests.conftest import impl_param
 
 # The bound for the hypergradient against the eager implementation, in float64.
@@ -302,7 +302,7 @@ def _native_and_python(monkeypatch, make_model, dtype, *, in_features=5, batch_s
                   if isinstance(t, torch.Tensor) and t.requires_grad]
         grads = torch.autograd.grad(val_loss + (probe * buffer_k).sum(), inputs)
         results.append([val_loss.detach(), theta_k.detach(), buffer_k.detach(), *grads])
-        monkeypatch.setattr(mlp_unroll, "torch_blas_gemm", lambda dtype: None)  # then the loop
+        monkeypatch.setattr(mlp_native, "torch_blas_gemm", lambda dtype: None)  # then the loop
     assert len(calls) == 1, "the native unroll must run once, for the first unroll only"
     return results
 
@@ -385,7 +385,7 @@ def test_native_unroll_takes_numbers_and_no_weight_decay(monkeypatch):
             fused_model=True)
         grads = torch.autograd.grad(val_loss + buffer_k.sum(), [theta, buffer])
         results.append([val_loss.detach(), theta_k.detach(), buffer_k.detach(), *grads])
-        monkeypatch.setattr(mlp_unroll, "torch_blas_gemm", lambda dtype: None)
+        monkeypatch.setattr(mlp_native, "torch_blas_gemm", lambda dtype: None)
     assert len(calls) == 1
     for a, e in zip(*results):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12 * float(e.abs().max()))

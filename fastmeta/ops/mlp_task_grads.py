@@ -13,20 +13,13 @@ parallel) with the products on torch's own BLAS.
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING
 
 import torch
 
-from fastmeta.backends import (
-    Impl,
-    ImplementationUnavailable,
-    native,
-    note,
-    requested_impl,
-    torch_blas_gemm,
-)
+from fastmeta.backends import Impl, ImplementationUnavailable, native, note, requested_impl
 from fastmeta.ops import tensor_lists as tl
+from fastmeta.ops.mlp_native import native_mlp_gemm
 
 if TYPE_CHECKING:  # fused_mlp imports this module
     from fastmeta.fused_mlp import MLPSpec
@@ -35,7 +28,6 @@ __all__ = ["NativeMLPTaskGrads"]
 
 OP = "mlp_task_grads"
 _LOSS_CODES = {"cross_entropy": 0, "mse": 1}  # mlp::Loss in csrc/mlp.h
-_DTYPES = (torch.float32, torch.float64)
 
 
 class NativeMLPTaskGrads:
@@ -99,13 +91,10 @@ class NativeMLPTaskGrads:
         """``(None, gemm address)`` when the op can run these tensors, else ``(reason, 0)``."""
         if theta.device.type != "cpu":
             return f"the native MLP op runs on CPU tensors, and θ is on {theta.device}", 0
-        if theta.dtype not in _DTYPES:
-            return f"the native MLP op runs on float32/float64, and θ is {theta.dtype}", 0
-        if torch.is_autocast_enabled("cpu"):
-            return "CPU autocast is on (the torch ops follow its dtype rules)", 0
         tasks = theta.shape[0] if theta.dim() == 2 else 0
-        if theta.dim() != 2 or theta.shape[1] != spec.layout.numel or not theta.is_contiguous():
-            return (f"θ is not a contiguous [T, {spec.layout.numel}] buffer "
+        if (theta.dim() != 2 or tasks < 1 or theta.shape[1] != spec.layout.numel
+                or not theta.is_contiguous()):
+            return (f"θ is not a contiguous [T, {spec.layout.numel}] buffer with T >= 1 "
                     f"(shape {list(theta.shape)})"), 0
         rows = x.shape[1] if x.dim() == 3 else 0
         if (x.device != theta.device or x.dtype != theta.dtype or rows < 1
@@ -117,22 +106,7 @@ class NativeMLPTaskGrads:
         if y.device != theta.device or (y.dtype, y.shape) != want:
             return (f"y is {y.dtype} {list(y.shape)} on {y.device}, not {want[0]} "
                     f"{list(want[1])} on {theta.device}"), 0
-        if sys.byteorder != "little":  # see GemmFn in csrc/mlp.h
-            return "the native MLP op runs on little-endian CPUs only", 0
-        from fastmeta.fused_mlp import relu_only  # fused_mlp imports this module
-
-        if not relu_only(spec):
-            return "the native MLP op covers ReLU between the layers only", 0
-        if any(ly.in_features == 0 or ly.out_features == 0 for ly in spec.layers):
-            return "a layer has no inputs or no outputs", 0
-        module = native()
-        if module is None or not hasattr(module, "MlpTaskGrads"):  # or an older build
-            return "the extension fastmeta._C (with MlpTaskGrads) is not built", 0
-        gemm = torch_blas_gemm(theta.dtype)
-        if gemm is None:
-            return ("torch's BLAS was not found in libtorch_cpu (or FASTMETA_NO_TORCH_BLAS=1)",
-                    0)
-        return None, gemm
+        return native_mlp_gemm(spec, theta.dtype, "MlpTaskGrads")
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Runs the forward: ``(grads [T, N], losses [T], outputs [T, B, C])``. It returns its

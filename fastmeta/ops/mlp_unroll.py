@@ -10,14 +10,14 @@ compare it with.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import torch
 
-from fastmeta.backends import Impl, native, torch_blas_gemm
-from fastmeta.fused_mlp import MLPSpec, relu_only
+from fastmeta.backends import Impl, native
+from fastmeta.fused_mlp import MLPSpec
 from fastmeta.ops import tensor_lists as tl
+from fastmeta.ops.mlp_native import native_mlp_gemm
 from fastmeta.ops.sgd import SGD_RULE
 
 __all__ = ["NativeMLPUnroll"]
@@ -70,13 +70,10 @@ class NativeMLPUnroll:
         checked (dtype, device, labels in range); ``first`` and ``later`` are the step
         configurations of the first step and of the others; ``kernels`` the fused step's."""
         if (kernels is None or kernels.impl is not Impl.NATIVE or theta.device.type != "cpu"
-                or theta.dim() != 1 or theta.numel() == 0 or not relu_only(spec)
-                or sys.byteorder != "little"  # see GemmFn in csrc/mlp.h
-                or any(ly.in_features == 0 or ly.out_features == 0 for ly in spec.layers)
-                or not hasattr(native(), "MlpUnroll")):  # None, or an older build
+                or theta.dim() != 1 or theta.numel() == 0):
             return None
-        gemm = torch_blas_gemm(theta.dtype)
-        if gemm is None:
+        why, gemm = native_mlp_gemm(spec, theta.dtype, "MlpUnroll")
+        if why is not None:
             return None
         x0, y0 = batches[0]
         if any(x.shape != x0.shape or y.shape != y0.shape for x, y in batches):
