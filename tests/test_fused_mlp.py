@@ -237,13 +237,19 @@ def test_class_indices_out_of_range_are_refused_and_named():
 # ---- T tasks at once ([T, N] params), mean squared error, and the autograd node for MAML -----
 
 
-def _narrow_mlp(activation: type[nn.Module], widths: tuple[int, ...]) -> nn.Sequential:
+def _narrow_mlp(activation: type[nn.Module], widths: tuple[int, ...],
+                bias: bool = True) -> nn.Sequential:
     modules: list[nn.Module] = []
     for i in range(len(widths) - 1):
         if i:
             modules.append(activation())
-        modules.append(nn.Linear(widths[i], widths[i + 1]))
+        modules.append(nn.Linear(widths[i], widths[i + 1], bias=bias))
     return nn.Sequential(*modules).double()
+
+
+def _loss_widths(loss: str, widths: tuple[int, ...]) -> tuple[int, ...]:
+    """``widths`` with at least two classes for the cross-entropy."""
+    return (*widths[:-1], 2) if loss == "cross_entropy" and widths[-1] == 1 else widths
 
 
 def _task_batch(loss: str, tasks: int, rows: int, widths: tuple[int, ...]):
@@ -274,8 +280,7 @@ def _autograd_task_grads_and_hvps(model, layout, params, x, y, v, loss):
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: a.__name__)
 def test_task_batched_gradient_hvp_and_losses_match_autograd(widths, loss, activation):
-    if loss == "cross_entropy" and widths[-1] == 1:
-        widths = (*widths[:-1], 2)
+    widths = _loss_widths(loss, widths)
     torch.manual_seed(0)
     model = _narrow_mlp(activation, widths)
     layout = FlatLayout.of(model)
@@ -357,12 +362,8 @@ def test_task_batched_edge_shapes_match_autograd(loss):
     view: the shapes where a broadcast shortcut or a strided write could go wrong."""
     torch.manual_seed(1)
     for widths, bias in (((3, 2), False), ((1, 4, 1), False), ((2, 1, 3), True)):
-        if loss == "cross_entropy" and widths[-1] == 1:
-            widths = (*widths[:-1], 2)
-        model = _narrow_mlp(nn.Sigmoid, widths)
-        if not bias:
-            model = nn.Sequential(*[nn.Linear(m.in_features, m.out_features, bias=False)
-                                    if isinstance(m, nn.Linear) else m for m in model]).double()
+        widths = _loss_widths(loss, widths)
+        model = _narrow_mlp(nn.Sigmoid, widths, bias)
         layout = FlatLayout.of(model)
         spec = MLPSpec.of(model, layout)
         for tasks, rows in ((1, 1), (3, 2)):
@@ -430,13 +431,9 @@ def test_native_task_grads_match_the_torch_ops(monkeypatch, loss, widths, bias, 
     """Forward (gradients, losses, outputs) and backward (H ḡ + ℓ̄ g, each term alone and
     both) of the native op equal the torch ops of MLPSpec in float64, over one task with one
     example, several tasks, and strided inputs."""
-    if loss == "cross_entropy" and widths[-1] == 1:
-        widths = (*widths[:-1], 2)
+    widths = _loss_widths(loss, widths)
     torch.manual_seed(2)
-    model = _narrow_mlp(nn.ReLU, widths)
-    if not bias:
-        model = nn.Sequential(*[nn.Linear(m.in_features, m.out_features, bias=False)
-                                if isinstance(m, nn.Linear) else m for m in model]).double()
+    model = _narrow_mlp(nn.ReLU, widths, bias)
     layout = FlatLayout.of(model)
     spec = MLPSpec.of(model, layout)
     for tasks, rows in ((1, 1), (5, 4)):
