@@ -579,6 +579,16 @@ struct Unroll {
   }
 };
 
+// Calls f(T{}) with T the C++ type of a float32 or float64 dtype code: the native MLP ops,
+// whose constructors (mlp_layers) refuse every other dtype.
+template <typename F>
+void with_float_type(int dtype, F&& f) {
+  if (dtype == kFloat64)
+    f(double{});
+  else
+    f(float{});
+}
+
 // What both native MLP ops check of their shared arguments (Python has checked them too): the
 // byte order, the BLAS address, the dtype and the layer table, (weight offset, bias offset or
 // -1, d_in, d_out) per layer, which it returns as Layers. what names the op in the messages.
@@ -760,25 +770,30 @@ struct TaskGrads {
 // thread: waking the OpenMP team costs a few µs, the work of ~20,000 multiply-adds here.
 constexpr int64_t kMinParallelTaskWork = 20000;
 
-// Runs body(t) for every task, in parallel where the work is worth it. body may throw (a failed
-// scratch allocation): the first exception is rethrown here, after every thread has finished.
+// Runs body(t, thread) for every task, in parallel where the work is worth it; thread (in
+// [0, max_threads())) indexes per-thread scratch. body may throw (a label out of range, a failed
+// allocation): the first exception is rethrown here, after every thread has finished.
 template <typename Body>
 void for_each_task(const TaskGrads& g, Body body) {
   std::exception_ptr failure;
   std::atomic<bool> failed{false};
-  auto run = [&](int64_t t) {
+  auto run = [&](int64_t t, int thread) {
     if (failed.load(std::memory_order_relaxed)) return;
     try {
-      body(t);
+      body(t, thread);
     } catch (...) {
       if (!failed.exchange(true)) failure = std::current_exception();
     }
   };
   if (g.tasks < 2 || max_threads() == 1 || g.tasks * g.forward_work() < kMinParallelTaskWork) {
-    for (int64_t t = 0; t < g.tasks; ++t) run(t);
+    for (int64_t t = 0; t < g.tasks; ++t) run(t, 0);
   } else {
+#ifdef _OPENMP
 #pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < g.tasks; ++t) run(t);
+    for (int64_t t = 0; t < g.tasks; ++t) run(t, omp_get_thread_num());
+#else
+    for (int64_t t = 0; t < g.tasks; ++t) run(t, 0);
+#endif
   }
   if (failure) std::rethrow_exception(failure);
 }
@@ -811,9 +826,9 @@ TaskGrads make_task_grads(int64_t gemm, const std::vector<int64_t>& layers, int 
 }
 
 template <typename T>
-void task_grads_forward_typed(const TaskGrads& g) {
+void task_grads_forward(const TaskGrads& g) {
   const mlp::Blas<T> blas{reinterpret_cast<mlp::GemmFn<T>>(g.gemm)};
-  for_each_task(g, [&](int64_t t) {
+  for_each_task(g, [&](int64_t t, int) {
     mlp::loss_grad<T>(blas, g.layers, g.at<T>(g.theta, t, g.numel), g.targets<T>(t), g.batch,
                       g.tape<T>(t), g.at<T>(g.outputs, t, g.batch * g.classes()),
                       g.at<T>(g.grads, t, g.numel), g.at<T>(g.losses, t, 1));
@@ -823,15 +838,18 @@ void task_grads_forward_typed(const TaskGrads& g) {
 // theta_bar[t] = H_t grad_bar[t] + losses_bar[t] grads[t]; grad_bar or losses_bar may be 0
 // (absent), not both. grads is forward's output, passed again by Python (which holds it).
 template <typename T>
-void task_grads_backward_typed(const TaskGrads& g, int64_t grad_bar, int64_t losses_bar,
-                               int64_t grads, int64_t theta_bar) {
+void task_grads_backward(const TaskGrads& g, int64_t grad_bar, int64_t losses_bar,
+                         int64_t grads, int64_t theta_bar) {
   const mlp::Blas<T> blas{reinterpret_cast<mlp::GemmFn<T>>(g.gemm)};
-  for_each_task(g, [&](int64_t t) {
+  // One scratch per thread, made by the first task it runs (not one per task).
+  std::vector<std::unique_ptr<mlp::HvpScratch<T>>> scratch(static_cast<size_t>(max_threads()));
+  for_each_task(g, [&](int64_t t, int thread) {
     T* out = g.at<T>(theta_bar, t, g.numel);
     if (grad_bar != 0) {
-      mlp::HvpScratch<T> scratch(g.layers, g.batch);
+      std::unique_ptr<mlp::HvpScratch<T>>& mine = scratch[static_cast<size_t>(thread)];
+      if (!mine) mine = std::make_unique<mlp::HvpScratch<T>>(g.layers, g.batch);
       mlp::hvp<T>(blas, g.layers, g.at<T>(g.theta, t, g.numel), g.batch, g.tape<T>(t),
-                  g.at<T>(grad_bar, t, g.numel), scratch, out);
+                  g.at<T>(grad_bar, t, g.numel), *mine, out);
     }
     if (losses_bar != 0) {
       const T weight = *g.at<T>(losses_bar, t, 1);
@@ -1324,10 +1342,10 @@ PYBIND11_MODULE(_C, m) {
       .def("forward",
            [](const Unroll& u) {
              py::gil_scoped_release no_gil;
-             if (u.dtype == kFloat64)
-               mlp_unroll_forward_typed<double>(u, reinterpret_cast<mlp::GemmFn<double>>(u.gemm));
-             else
-               mlp_unroll_forward_typed<float>(u, reinterpret_cast<mlp::GemmFn<float>>(u.gemm));
+             with_float_type(u.dtype, [&](auto zero) {
+               using T = decltype(zero);
+               mlp_unroll_forward_typed<T>(u, reinterpret_cast<mlp::GemmFn<T>>(u.gemm));
+             });
            },
            "Runs the K steps, writing the trajectory.")
       .def("backward",
@@ -1340,14 +1358,12 @@ PYBIND11_MODULE(_C, m) {
              if ((u.lr == 0) != (d_lr == 0))
                throw std::invalid_argument("lr and d_lr go together");
              py::gil_scoped_release no_gil;
-             if (u.dtype == kFloat64)
-               mlp_unroll_backward_typed<double>(
-                   u, reinterpret_cast<mlp::GemmFn<double>>(u.gemm), needs_param, theta_bar,
-                   buffer_bar, d_lr, d_tables, num_hypers, theta_bar0, buffer_bar0);
-             else
-               mlp_unroll_backward_typed<float>(
-                   u, reinterpret_cast<mlp::GemmFn<float>>(u.gemm), needs_param, theta_bar,
-                   buffer_bar, d_lr, d_tables, num_hypers, theta_bar0, buffer_bar0);
+             with_float_type(u.dtype, [&](auto zero) {
+               using T = decltype(zero);
+               mlp_unroll_backward_typed<T>(u, reinterpret_cast<mlp::GemmFn<T>>(u.gemm),
+                                            needs_param, theta_bar, buffer_bar, d_lr, d_tables,
+                                            num_hypers, theta_bar0, buffer_bar0);
+             });
            },
            py::arg("needs_param"), py::arg("theta_bar"), py::arg("buffer_bar"), py::arg("d_lr"),
            py::arg("d_tables"), py::arg("num_hypers"), py::arg("theta_bar0"),
@@ -1365,10 +1381,7 @@ PYBIND11_MODULE(_C, m) {
       .def("forward",
            [](const TaskGrads& g) {
              py::gil_scoped_release no_gil;
-             if (g.dtype == kFloat64)
-               task_grads_forward_typed<double>(g);
-             else
-               task_grads_forward_typed<float>(g);
+             with_float_type(g.dtype, [&](auto zero) { task_grads_forward<decltype(zero)>(g); });
            },
            "Writes every task's gradient, loss and output, and keeps the tape.")
       .def("backward",
@@ -1380,10 +1393,9 @@ PYBIND11_MODULE(_C, m) {
              if (losses_bar != 0 && grads == 0)
                throw std::invalid_argument("grads must not be null with losses_bar");
              py::gil_scoped_release no_gil;
-             if (g.dtype == kFloat64)
-               task_grads_backward_typed<double>(g, grad_bar, losses_bar, grads, theta_bar);
-             else
-               task_grads_backward_typed<float>(g, grad_bar, losses_bar, grads, theta_bar);
+             with_float_type(g.dtype, [&](auto zero) {
+               task_grads_backward<decltype(zero)>(g, grad_bar, losses_bar, grads, theta_bar);
+             });
            },
            py::arg("grad_bar"), py::arg("losses_bar"), py::arg("grads"), py::arg("theta_bar"),
            "theta_bar[t] = H_t grad_bar[t] + losses_bar[t] grads[t] (0: a term absent), after "

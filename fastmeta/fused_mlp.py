@@ -71,6 +71,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -213,10 +214,15 @@ class MLPSpec:
         self.layout = layout
         self.in_features = layers[0].in_features
         self.classes = layers[-1].out_features
-        entries = layout.entries
-        # (weight offset, bias offset or -1, in, out) per layer, flat: how the native ops
-        # (fastmeta/ops/mlp_unroll.py, mlp_task_grads.py) are told where each layer lives.
-        self.native_layers = [value for ly in layers for value in (
+
+    @functools.cached_property
+    def native_layers(self) -> list[int]:
+        """(weight offset, bias offset or -1, in, out) per layer, flat: how the native ops
+        (:mod:`fastmeta.ops.mlp_unroll`, :mod:`fastmeta.ops.mlp_task_grads`) are told where
+        each layer lives in the buffer. Built on first use: a spec on the torch path never
+        needs it."""
+        entries = self.layout.entries
+        return [value for ly in self.layers for value in (
             entries[ly.weight].offset, -1 if ly.bias is None else entries[ly.bias].offset,
             ly.in_features, ly.out_features)]
 
@@ -520,14 +526,8 @@ class TaskLossGrad(Function):
     @staticmethod
     def forward(ctx, spec: MLPSpec, loss: str, theta, x, y):
         theta = theta.contiguous()  # e.g. the first step's expand()ed [T, N]
-        op = NativeMLPTaskGrads.maybe(spec, loss, theta, x, y)
-        if op is not None:
-            grad, losses, outputs = op.forward()
-            ctx.native = op
-        else:
-            grad, tape, losses = spec.loss_grad(theta, x, y, loss=loss, want_losses=True)
-            outputs, tape.outputs = tape.outputs, None  # not needed by hvp
-            ctx.native, ctx.spec, ctx.tape, ctx.theta = None, spec, tape, theta
+        grad, losses, outputs, ctx.tape = _loss_grads(spec, loss, theta, x, y)
+        ctx.spec, ctx.theta = spec, theta
         # The outputs are saved through save_for_backward, not as ctx attributes (nor held by
         # the native op): an output held by its own node's ctx is a reference cycle, which
         # keeps every step's tape alive until Python's cyclic collector runs.
@@ -546,8 +546,8 @@ class TaskLossGrad(Function):
         if grad_bar is None and losses_bar is None:
             return None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        if ctx.native is not None:
-            return None, None, ctx.native.backward(grad_bar, losses_bar, grad), None, None
+        if isinstance(ctx.tape, NativeMLPTaskGrads):
+            return None, None, ctx.tape.backward(grad_bar, losses_bar, grad), None, None
         theta_bar = None
         if grad_bar is not None:
             theta_bar = ctx.spec.hvp(ctx.theta, ctx.tape, grad_bar.contiguous())
@@ -567,9 +567,20 @@ def task_loss_grads(
     if create_graph and torch.is_grad_enabled() and theta.requires_grad:
         return TaskLossGrad.apply(spec, loss, theta, x, y)
     with torch.no_grad():
-        theta = theta.detach().contiguous()
-        op = NativeMLPTaskGrads.maybe(spec, loss, theta, x, y)
-        if op is not None:
-            return op.forward()
-        grad, tape, losses = spec.loss_grad(theta, x, y, loss=loss, want_losses=True)
-    return grad, losses, tape.outputs
+        grad, losses, outputs, _ = _loss_grads(spec, loss, theta.detach().contiguous(), x, y)
+    return grad, losses, outputs
+
+
+def _loss_grads(
+    spec: MLPSpec, loss: str, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, NativeMLPTaskGrads | MLPTape]:
+    """``(grads, losses, outputs, tape)`` of every task of the contiguous ``[T, N]`` θ: on the
+    native op where it applies (the tape is then the op, whose backward gives
+    :math:`H\\bar g + \\bar\\ell g`), else on :meth:`MLPSpec.loss_grad` (an :class:`MLPTape`
+    for :meth:`MLPSpec.hvp`, without the outputs, which it does not need)."""
+    op = NativeMLPTaskGrads.maybe(spec, loss, theta, x, y)
+    if op is not None:
+        return (*op.forward(), op)
+    grad, tape, losses = spec.loss_grad(theta, x, y, loss=loss, want_losses=True)
+    outputs, tape.outputs = tape.outputs, None
+    return grad, losses, outputs, tape
